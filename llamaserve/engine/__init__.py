@@ -1,0 +1,1 @@
+"""The inference engine: scheduling, paged KV cache, sampling and detokenization."""

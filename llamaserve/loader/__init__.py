@@ -1,0 +1,1 @@
+"""Model loading: GGUF and Hugging Face checkpoints, tensor names, tokenizers."""

@@ -1,0 +1,139 @@
+"""GGUF files: config from `llama.*` metadata and tensors dequantized with gguf's reference code."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader, ReaderTensor
+from gguf.quants import dequantize
+
+from llamaserve.config import ModelConfig, RopeScaling
+from llamaserve.loader.errors import ModelLoadError
+from llamaserve.loader.names import gguf_to_hf, unpermute_qk
+
+SUPPORTED_TYPES = frozenset(
+    {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
+     QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K}
+)
+GGUF_MAGIC = b"GGUF"
+
+
+def open_gguf(path: Path) -> GGUFReader:
+    """Open a GGUF file, turning every way it can be broken into a ModelLoadError."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError, IndexError, struct errors...
+        raise ModelLoadError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from e
+
+
+def metadata(reader: GGUFReader) -> dict[str, Any]:
+    """All key/value metadata except the (large) tokenizer arrays."""
+    skip = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.merges"}
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key in skip or key.startswith("GGUF."):
+            continue
+        out[key] = field.contents()
+    return out
+
+
+def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], vocab_len: int) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"unsupported architecture {arch!r}: llamaserve serves llama models only")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"llama.{key}", default)
+        if value is None:
+            raise ModelLoadError(f"GGUF metadata lacks llama.{key}")
+        return value
+
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    scaling = RopeScaling()
+    kind = meta.get("llama.rope.scaling.type")
+    if kind == "linear":
+        scaling = RopeScaling("linear", float(get("rope.scaling.factor")))
+    elif kind not in (None, "none"):
+        raise ModelLoadError(f"unsupported RoPE scaling type {kind!r} in GGUF metadata")
+    try:
+        return ModelConfig(
+            vocab_size=int(meta.get("llama.vocab_size", vocab_len)),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_hidden_layers=int(get("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(get("attention.head_count_kv", heads)),
+            head_dim=int(meta.get("llama.attention.key_length", hidden // heads)),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=int(get("context_length")),
+            tie_word_embeddings="output.weight" not in tensor_names,
+        )
+    except ValueError as e:
+        raise ModelLoadError(f"invalid model shape in GGUF metadata: {e}") from e
+
+
+def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any], GGUFReader]:
+    """Parse a GGUF file's config without touching its tensor data."""
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab_len = len(tokens.data) if tokens is not None else 0
+    cfg = config_from_metadata(meta, {t.name for t in reader.tensors}, vocab_len)
+    return cfg, meta, reader
+
+
+def check_tensor_types(reader: GGUFReader) -> None:
+    for t in reader.tensors:
+        if t.tensor_type not in SUPPORTED_TYPES:
+            raise ModelLoadError(
+                f"tensor {t.name} has type {t.tensor_type.name}, which llamaserve does not support "
+                f"(supported: {', '.join(sorted(q.name for q in SUPPORTED_TYPES))})"
+            )
+
+
+def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
+    """A tensor's values as float32, shaped [rows, cols] (GGUF lists dimensions innermost first)."""
+    data = np.asarray(t.data)
+    if t.tensor_type == QT.BF16 and data.dtype != np.uint8:
+        data = data.view(np.uint8)
+    shape = tuple(int(d) for d in reversed(t.shape))
+    return dequantize(data, t.tensor_type).reshape(shape)
+
+
+def iter_tensors(reader: GGUFReader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (Hugging Face name, float32 tensor in HF layout) one tensor at a time."""
+    check_tensor_types(reader)
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # Llama 3 RoPE factors, kept under their own name
+            yield t.name, torch.from_numpy(dequantize_tensor(t).copy())
+            continue
+        name = gguf_to_hf(t.name)
+        if name is None:
+            raise ModelLoadError(f"unexpected tensor {t.name!r} in a llama GGUF file")
+        try:
+            array = dequantize_tensor(t)
+            if not (array.flags.writeable and array.flags.c_contiguous):  # a view of the memory map
+                array = np.array(array, copy=True)
+            value = torch.from_numpy(array)
+        except (ValueError, IndexError) as e:
+            raise ModelLoadError(f"tensor {t.name} is truncated or corrupt: {e}") from e
+        if name.endswith("q_proj.weight"):
+            value = unpermute_qk(value, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            value = unpermute_qk(value, cfg.num_key_value_heads)
+        yield name, value

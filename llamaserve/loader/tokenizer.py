@@ -1,0 +1,105 @@
+"""Tokenizers and chat templates, from GGUF metadata or HF tokenizer files, via transformers."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from llamaserve.loader.errors import ModelLoadError
+
+# Meta's Llama 2 chat format, for Llama 2 files that carry no template (older GGUF conversions).
+LLAMA2_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+class Tokenizer:
+    """A transformers tokenizer plus the model's stop tokens and chat template."""
+
+    def __init__(self, hf: Any, chat_template: str | None, eos_token_ids: list[int]) -> None:
+        self.hf = hf
+        self.chat_template = chat_template
+        self.eos_token_ids = sorted(set(eos_token_ids))
+        self.bos_token_id: int | None = hf.bos_token_id
+        self.vocab_size = len(hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt text, rendered exactly as transformers' apply_chat_template renders it."""
+        if self.chat_template is None:
+            raise ValueError("this model has no chat template: use the completions API or --chat-template")
+        try:
+            return self.hf.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except Exception as e:  # jinja2 errors, raise_exception() in templates
+            raise ValueError(f"chat template failed: {e}") from e
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        # transformers tokenizes a rendered template without adding special tokens again.
+        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _from_gguf(path: Path) -> tuple[Any, list[int]]:
+    from transformers import AutoTokenizer
+
+    from llamaserve.loader.gguf import metadata, open_gguf
+
+    meta = metadata(open_gguf(path))
+    if meta.get("tokenizer.ggml.model") not in ("llama", "gpt2"):
+        raise ModelLoadError(
+            f"{path.name}: unsupported tokenizer model {meta.get('tokenizer.ggml.model')!r} (llama or gpt2)"
+        )
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                            "tokenizer.ggml.eom_token_id") if k in meta]
+    return hf, [int(e) for e in eos]
+
+
+def _from_folder(folder: Path) -> tuple[Any, list[int]]:
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder}: no usable tokenizer files ({e})") from e
+    eos: list[int] = []
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        value = json.loads(gen.read_text()).get("eos_token_id")
+        eos = value if isinstance(value, list) else [value] if value is not None else []
+    return hf, eos
+
+
+def load_tokenizer(path: Path, chat_template_file: Path | None = None) -> Tokenizer:
+    """The tokenizer of a GGUF file or HF folder; chat_template_file overrides the model's template."""
+    hf, eos = _from_folder(path) if path.is_dir() else _from_gguf(path)
+    if hf.eos_token_id is not None:
+        eos.append(hf.eos_token_id)
+    template = getattr(hf, "chat_template", None)
+    if chat_template_file is not None:
+        try:
+            template = Path(chat_template_file).read_text()
+        except OSError as e:
+            raise ModelLoadError(f"cannot read chat template {chat_template_file}: {e}") from e
+    elif template is None and hf.bos_token == "<s>" and hf.eos_token == "</s>":
+        template = LLAMA2_CHAT_TEMPLATE  # a Llama 2 model without a template of its own
+    return Tokenizer(hf, template, eos)

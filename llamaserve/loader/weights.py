@@ -1,0 +1,136 @@
+"""Build a Transformer from a GGUF file or HF folder, streaming tensor by tensor into its parameters."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from llamaserve.config import ModelConfig
+from llamaserve.loader import gguf as gguf_loader
+from llamaserve.loader import safetensors as st_loader
+from llamaserve.loader.errors import ModelLoadError
+from llamaserve.loader.names import IGNORED, fused_rows, hf_to_ours
+from llamaserve.loader.registry import ModelNotFoundError, resolve_model
+from llamaserve.model.llama import Transformer, rope_inv_freq
+
+
+@dataclass(slots=True)
+class ModelSource:
+    """What a --model value points at, read without loading tensors."""
+
+    path: Path
+    kind: str  # "gguf" | "hf"
+    config: ModelConfig
+    metadata: dict = field(default_factory=dict)
+    tensor_types: Counter = field(default_factory=Counter)
+
+
+def inspect_model(model: str | None) -> ModelSource:
+    """Resolve and read a model's config (no tensor data is touched)."""
+    try:
+        path = resolve_model(model)
+    except ModelNotFoundError as e:
+        raise ModelLoadError(str(e)) from e
+    if path.is_dir():
+        cfg = st_loader.read_config(path)
+        types: Counter = Counter()
+        from safetensors import safe_open
+
+        for file in st_loader.weight_files(path):
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118
+                    types[str(f.get_slice(name).get_dtype())] += 1
+        return ModelSource(path, "hf", cfg, {}, types)
+    cfg, meta, reader = gguf_loader.read_config(path)
+    return ModelSource(path, "gguf", cfg, meta, Counter(t.tensor_type.name for t in reader.tensors))
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """'auto': float32 for small models on CPU (exact), bfloat16 for large ones and on CUDA."""
+    if dtype == "auto":
+        if device.type == "cuda" or cfg.num_parameters > 2_000_000_000:
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+    if source.kind == "hf":
+        return st_loader.iter_tensors(source.path)
+    reader = gguf_loader.open_gguf(source.path)
+    return gguf_loader.iter_tensors(reader, source.config)
+
+
+def _num_tensors(source: ModelSource) -> int:
+    return sum(source.tensor_types.values())
+
+
+def _copy_into(model: Transformer, params: dict, name: str, value: torch.Tensor, seen: set) -> None:
+    if name == "rope_freqs.weight":  # Llama 3 frequency factors from a GGUF file
+        model.inv_freq.div_(value.to(model.inv_freq))
+        return
+    target = hf_to_ours(name)
+    if target is None:
+        if IGNORED.search(name):
+            return
+        raise ModelLoadError(f"unexpected tensor {name!r} in a llama checkpoint")
+    param_name, piece = target
+    dest = params[param_name]
+    if piece is not None:
+        start, end = fused_rows(model.config, param_name, piece)
+        dest = dest[start:end]
+    if tuple(dest.shape) != tuple(value.shape):
+        raise ModelLoadError(f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(dest.shape)}")
+    with torch.no_grad():
+        dest.copy_(value)
+    seen.add((param_name, piece))
+
+
+def load_model(
+    model: str | None, dtype: str = "auto", device: str = "cpu", progress: bool = False
+) -> tuple[Transformer, ModelSource]:
+    """Load weights one tensor at a time: peak memory stays near the final model size."""
+    source = inspect_model(model)
+    cfg = source.config
+    dev = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, cfg, dev)
+    with torch.device("meta"):
+        net = Transformer(cfg)
+    net = net.to_empty(device=dev).to(torch_dtype)
+    # to_empty left the RoPE table uninitialised: compute it again.
+    net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(dev)
+    params = dict(net.named_parameters(remove_duplicate=False))
+    seen: set = set()
+    start = time.perf_counter()
+    bar = tqdm(total=_num_tensors(source), desc=f"loading {source.path.name}", unit=" tensors", disable=not progress)
+    for name, value in _tensors(source):
+        _copy_into(net, params, name, value, seen)
+        bar.update(1)
+    bar.close()
+    _check_complete(net, seen)
+    net.tie_weights()
+    net.eval()
+    net.load_seconds = time.perf_counter() - start  # type: ignore[assignment]
+    return net, source
+
+
+def _check_complete(net: Transformer, seen: set) -> None:
+    cfg = net.config
+    expected = {("tok_embeddings.weight", None), ("norm.weight", None)}
+    if not cfg.tie_word_embeddings:
+        expected.add(("output.weight", None))
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        expected |= {(p + "attention_norm.weight", None), (p + "ffn_norm.weight", None),
+                     (p + "attention.wo.weight", None), (p + "feed_forward.w2.weight", None)}
+        expected |= {(p + "attention.wqkv.weight", k) for k in range(3)}
+        expected |= {(p + "feed_forward.w13.weight", k) for k in range(2)}
+    missing = sorted(f"{n}[{k}]" if k is not None else n for n, k in expected - seen)
+    if missing:
+        raise ModelLoadError(f"checkpoint lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")

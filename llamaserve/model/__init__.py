@@ -1,0 +1,1 @@
+"""The Llama transformer and its paged KV cache."""
