@@ -33,11 +33,10 @@ class IncrementalDetokenizer:
         self._include_stop = include_stop_str_in_output
         # A stop string may still be completed by the next token while its first len - 1 chars are held.
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
-        start = self._context_start(prompt_token_ids)
         # Invariant: ids[prefix:read] decode to text already produced; ids[read:] have produced none yet.
-        self._ids: list[int] = list(prompt_token_ids[start:])
+        self._ids: list[int] = list(prompt_token_ids[self._context_start(prompt_token_ids) :])
         self._prefix = 0
-        self._read = len(self._ids)
+        self._read = self._context_end(self._ids)
         self._prefix_text: str | None = None  # cached decode(ids[prefix:read])
         self._pending = ""  # decoded output text not yet returned (the stop-string hold-back)
         self.stop_reason: str | None = None
@@ -70,6 +69,16 @@ class IncrementalDetokenizer:
                 break
             start -= 1
         return start
+
+    def _context_end(self, context: list[int]) -> int:
+        """Where the prompt's text ends: before a character the prompt leaves unfinished, if any."""
+        end = len(context)
+        # That character's tokens are decoded again with the output, so the character is not lost.
+        for _ in range(_MAX_CHAR_TOKENS):
+            if end == 0 or not self._decode(context[:end]).endswith(_REPLACEMENT):
+                break
+            end -= 1
+        return end
 
     def _decode_window(self, final: bool) -> str:
         """New text of ids[read:]; empty while it would end in an unfinished character (unless final)."""

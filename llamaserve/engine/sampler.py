@@ -30,7 +30,8 @@ class Sampler:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be at least 1, got {vocab_size}")
         self.vocab_size = vocab_size
-        self.eos_token_ids = list(eos_token_ids)
+        # An EOS id past the model's vocabulary can never be sampled, so it never needs blocking.
+        self.eos_token_ids = [t for t in eos_token_ids if 0 <= t < vocab_size]
         self._seed = seed
         self._shared: dict[torch.device, torch.Generator] = {}  # sampler-wide generator per device
         self._per_seq: dict[int, torch.Generator] = {}  # by seq_id, for seqs with params.seed
@@ -82,12 +83,12 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if seq.num_output_tokens < seq.params.min_tokens:
                 # vLLM: EOS is not a stop token under ignore_eos, so it is not blocked either.
+                self._check_tokens(seq.params.stop_token_ids)
                 blocked = list(seq.params.stop_token_ids)
                 blocked += [] if seq.params.ignore_eos else self.eos_token_ids
                 rows += [i] * len(blocked)
                 cols += blocked
         if rows:
-            self._check_tokens(cols)
             logits[_long(rows, logits), _long(cols, logits)] = float("-inf")
         self._repetition_penalty(logits, seqs)
         self._presence_frequency_penalty(logits, seqs)

@@ -30,7 +30,10 @@ def fake_token(seq: Sequence) -> int:
 
 def step(sched: Scheduler) -> SchedulerOutput:
     """One engine step without a model: schedule, "forward", sample where due, finish at max_tokens."""
+    running_before = list(sched.running)
     out = sched.schedule()
+    if out.preempted:  # no admission in a step that preempted
+        assert all(any(s.seq is r for r in running_before) for s in out.scheduled)
     sampling = [s.seq for s in out.scheduled if s.samples]  # read before on_step_done moves the counts
     sched.on_step_done(out)
     bs = sched.block_manager.block_size
@@ -54,6 +57,15 @@ def run_all(sched: Scheduler, max_steps: int = 500) -> list[SchedulerOutput]:
 
 def planned(out: SchedulerOutput) -> list[tuple[int, int]]:
     return [(s.seq.seq_id, s.num_new_tokens) for s in out.scheduled]
+
+
+def first_scheduled(outputs: list[SchedulerOutput], seq: Sequence) -> tuple[int, int]:
+    """(step, position in that step) where seq is first scheduled."""
+    for i, out in enumerate(outputs):
+        for j, s in enumerate(out.scheduled):
+            if s.seq is seq:
+                return i, j
+    raise AssertionError(f"sequence {seq.seq_id} was never scheduled")
 
 
 def assert_pool_empty(sched: Scheduler) -> None:
@@ -141,21 +153,23 @@ def test_preempts_the_youngest_and_recomputes_it() -> None:
 
 
 def test_the_youngest_preempts_itself() -> None:
-    sched = make_scheduler(num_blocks=4, max_batch_tokens=64)
+    sched = make_scheduler(num_blocks=4, max_batch_tokens=64, max_num_seqs=2)
     a = make_seq(0, list(range(20)), max_tokens=20)
     b = make_seq(1, list(range(500, 530)), max_tokens=20)
-    sched.add(a)
-    sched.add(b)
+    c = make_seq(2, list(range(700, 710)), max_tokens=3)  # kept waiting by max_num_seqs
+    for seq in (a, b, c):
+        sched.add(seq)
     for _ in range(10):
         out = step(sched)
         if out.preempted:
             break
     assert out.preempted == [b]
     assert planned(out) == [(0, 1)]  # a was served before b ran out of blocks
-    assert sched.waiting[0] is b and b.status is SequenceStatus.WAITING
+    assert list(sched.waiting) == [b, c] and b.status is SequenceStatus.WAITING
     assert b.block_table == [] and b.num_computed_tokens == 0 and b.num_cached_tokens == 0
-    run_all(sched)
-    assert (a.num_tokens, b.num_tokens) == (40, 50)
+    outputs = run_all(sched)
+    assert first_scheduled(outputs, b) < first_scheduled(outputs, c)  # the preempted b is readmitted first
+    assert (a.num_tokens, b.num_tokens, c.num_tokens) == (40, 50, 13)
     assert_pool_empty(sched)
 
 
@@ -176,8 +190,7 @@ def test_first_come_first_served_when_the_head_does_not_fit() -> None:
     assert big.block_table == [] and big.num_computed_tokens == 0
     assert (bm.prefix_queries, bm.prefix_hits) == counters  # the failed admission left no trace
     outputs = run_all(sched)
-    admitted = [next(i for i, o in enumerate(outputs) if s in [x.seq for x in o.scheduled]) for s in (big, small)]
-    assert admitted[0] <= admitted[1]
+    assert first_scheduled(outputs, big) < first_scheduled(outputs, small)
     assert_pool_empty(sched)
 
 
@@ -233,3 +246,14 @@ def test_add_front_keeps_order_and_add_validates() -> None:
     assert list(sched.waiting) == [x, y, old]
     with pytest.raises(ValueError, match="maximum context length"):
         sched.add(make_seq(9, list(range(65))))
+
+
+def test_a_sequence_aborted_during_a_step_is_left_alone() -> None:
+    sched = make_scheduler(num_blocks=8)
+    seq = make_seq(0, list(range(20)))
+    sched.add(seq)
+    out = sched.schedule()
+    sched.finish(seq, "abort")  # e.g. the client disconnected while the model ran
+    sched.on_step_done(out)
+    assert seq.num_computed_tokens == 0 and seq.block_table == []
+    assert_pool_empty(sched)

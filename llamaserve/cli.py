@@ -1,0 +1,124 @@
+"""The `llamaserve` command: serve, generate, chat, info, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+
+from llamaserve.config import EngineConfig
+from llamaserve.loader.errors import ModelLoadError
+from llamaserve.loader.registry import DEFAULT_MODEL
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    d = EngineConfig()
+    p.add_argument("--model", default=None, help=f"GGUF file, HF folder, or {DEFAULT_MODEL!r} (default)")
+    p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template to use")
+    p.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory, help="GB for the KV cache")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="cap on running sequences")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="per-step token budget (longer prompts are prefilled in chunks)")
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context length (0: model's)")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="KV-cache block size in tokens")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len, dtype=args.dtype,
+        device=args.device,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamaserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible REST API")
+    _engine_args(serve)
+    from llamaserve.server.settings import add_server_args
+
+    add_server_args(serve)
+
+    gen = sub.add_parser("generate", help="answer one query, streamed to stdout")
+    gen.add_argument("query")
+    _engine_args(gen)
+    gen.add_argument("--system", default=None, help="system prompt")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+
+    info = sub.add_parser("info", help="print a model's config, size and tensor types")
+    info.add_argument("--model", default=None)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llamaserve.engine.llm_engine import LLMEngine
+    from llamaserve.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    start = time.perf_counter()
+    engine = LLMEngine.from_model(args.model, engine_config(args), args.chat_template, progress=True)
+    print(f"loaded {engine.source.path.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.query}
+    ]
+    prompt = engine.tokenizer.encode_chat(messages)
+    engine.add_request(uuid.uuid4().hex, prompt, params)
+    start, tokens = time.perf_counter(), 0
+    while engine.has_unfinished:
+        for out in engine.step():
+            for c in out.outputs:
+                sys.stdout.write(c.text)
+            sys.stdout.flush()
+            tokens = out.completion_tokens
+    elapsed = time.perf_counter() - start
+    print(f"\n[{tokens} tokens in {elapsed:.2f} s, {tokens / max(elapsed, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from llamaserve.loader.weights import inspect_model
+
+    src = inspect_model(args.model)
+    cfg = src.config
+    print(f"model: {src.path} ({src.kind})")
+    for name in cfg.__dataclass_fields__:
+        print(f"  {name}: {getattr(cfg, name)}")
+    n = cfg.num_parameters
+    print(f"parameters: {n:,} ({n / 1e9:.2f} B)")
+    print("tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(src.tensor_types.items())))
+    print(f"memory: {n * 4 / 1e9:.2f} GB as float32, {n * 2 / 1e9:.2f} GB as bfloat16")
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+    print(f"KV cache: {kv * 4 / 1024:.1f} KiB per token (float32), "
+          f"{kv * 4 * cfg.max_position_embeddings / 1e9:.2f} GB for one full {cfg.max_position_embeddings}"
+          "-token context")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        if args.command == "info":
+            return cmd_info(args)
+        from llamaserve.server.serve import serve
+
+        return serve(args, engine_config(args))
+    except (ModelLoadError, ValueError) as e:
+        print(f"llamaserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The REST API: OpenAI-compatible routes plus the original /predict."""

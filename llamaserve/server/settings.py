@@ -1,0 +1,53 @@
+"""Server settings (host, port, keys, queue bounds), validated with ValueError."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    max_queue: int = 256  # waiting requests beyond this get 429
+    max_body_bytes: int = 4 * 1024 * 1024
+    drain_timeout: float = 30.0
+    served_model_name: str = ""
+    log_requests: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.drain_timeout < 0:
+            raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
+        if any(not k for k in self.api_keys):
+            raise ValueError("API keys must be non-empty")
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    d = ServerSettings()
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable)")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")
+    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--served-model-name", default="", help="model id in the API (default: the file name)")
+    p.add_argument("--no-access-log", action="store_true", help="no per-request log lines")
+
+
+def server_settings(args: argparse.Namespace) -> ServerSettings:
+    env_keys = [k for k in os.environ.get("LLAMASERVE_API_KEYS", "").split(",") if k.strip()]
+    return ServerSettings(
+        host=args.host, port=args.port, api_keys=tuple(args.api_key + [k.strip() for k in env_keys]),
+        max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout,
+        served_model_name=args.served_model_name, log_requests=not args.no_access_log,
+    )
