@@ -60,12 +60,16 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], vocab_len
             raise ModelLoadError(f"GGUF metadata lacks llama.{key}")
         return value
 
+    def get_float(key: str, default: float | None = None) -> float:
+        # GGUF stores float32: take the shortest decimal that round-trips (1e-05, not 9.99999974e-06).
+        return float(str(np.float32(get(key, default))))
+
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
     scaling = RopeScaling()
     kind = meta.get("llama.rope.scaling.type")
     if kind == "linear":
-        scaling = RopeScaling("linear", float(get("rope.scaling.factor")))
+        scaling = RopeScaling("linear", get_float("rope.scaling.factor"))
     elif kind not in (None, "none"):
         raise ModelLoadError(f"unsupported RoPE scaling type {kind!r} in GGUF metadata")
     try:
@@ -77,8 +81,8 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], vocab_len
             num_attention_heads=heads,
             num_key_value_heads=int(get("attention.head_count_kv", heads)),
             head_dim=int(meta.get("llama.attention.key_length", hidden // heads)),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rms_norm_eps=get_float("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=get_float("rope.freq_base", 10000.0),
             rope_scaling=scaling,
             max_position_embeddings=int(get("context_length")),
             tie_word_embeddings="output.weight" not in tensor_names,

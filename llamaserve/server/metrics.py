@@ -1,0 +1,62 @@
+"""Prometheus metrics (prefix llamaserve_), kept in a registry of the app's own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from llamaserve.engine.async_engine import EngineStats
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
+_TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges and engine-lifetime counters read from the engine at scrape time."""
+
+    def __init__(self, stats: Callable[[], tuple[EngineStats, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator:
+        s, waiting = self._stats()
+        yield GaugeMetricFamily("llamaserve_num_requests_running", "Sequences in the running batch",
+                                value=s.num_running)
+        yield GaugeMetricFamily("llamaserve_num_requests_waiting", "Requests waiting to be scheduled",
+                                value=waiting)
+        yield GaugeMetricFamily("llamaserve_kv_cache_usage_perc", "Fraction of KV-cache blocks in use",
+                                value=s.kv_cache_usage)
+        yield CounterMetricFamily("llamaserve_prefix_cache_queries", "Prompt tokens looked up in the "
+                                  "prefix cache", value=s.prefix_query_tokens)
+        yield CounterMetricFamily("llamaserve_prefix_cache_hits", "Prompt tokens found in the prefix cache",
+                                  value=s.prefix_hit_tokens)
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], tuple[EngineStats, int]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.registry.register(_EngineCollector(stats))
+        self.prompt_tokens = Counter("llamaserve_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("llamaserve_generation_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("llamaserve_requests", "Finished requests by route and HTTP status",
+                                ["route", "status"], registry=r)
+        self.rejected = Counter("llamaserve_requests_rejected_queue_full",
+                                "Requests answered 429 because the queue was full", registry=r)
+        self.ttft = Histogram("llamaserve_time_to_first_token_seconds", "Time to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("llamaserve_time_per_output_token_seconds", "Time per output token after "
+                              "the first", buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("llamaserve_e2e_request_latency_seconds", "End-to-end request latency",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+
+    def observe_request(self, ttft: float | None, duration: float, prompt: int, completion: int) -> None:
+        self.prompt_tokens.inc(prompt)
+        self.generation_tokens.inc(completion)
+        self.e2e.observe(duration)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if completion > 1:
+                self.tpot.observe((duration - ttft) / (completion - 1))

@@ -1,0 +1,89 @@
+"""`llamaserve serve`: uvicorn up at once (503 while the model loads), SIGTERM drains, then exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from llamaserve.config import EngineConfig
+from llamaserve.engine.async_engine import AsyncEngine
+from llamaserve.engine.llm_engine import LLMEngine
+from llamaserve.loader.registry import DEFAULT_MODEL
+from llamaserve.server.app import attach_engine, create_app
+from llamaserve.server.settings import server_settings
+
+log = logging.getLogger("llamaserve")
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: refuse new requests (503), let in-flight ones finish, then stop."""
+
+    def __init__(self, config: uvicorn.Config, app: Any, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.llamaserve_app = app
+        self.drain_timeout = drain_timeout
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._draining:  # a second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        state = self.llamaserve_app.state.llamaserve
+        state.draining = True
+        log.info("draining: %d requests in flight, up to %.0f s", self._in_flight(), self.drain_timeout)
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _in_flight(self) -> int:
+        engine = self.llamaserve_app.state.llamaserve.engine
+        return 0 if engine is None else engine.num_in_flight
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        while self._in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.info("drained (%d left); shutting down", self._in_flight())
+        self.should_exit = True
+
+
+def serve(args: argparse.Namespace, config: EngineConfig) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = server_settings(args)
+    app = create_app(None, settings)
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                           access_log=False, timeout_graceful_shutdown=5),
+                            app, settings.drain_timeout)
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            start = time.perf_counter()
+            engine = LLMEngine.from_model(args.model, config, args.chat_template, progress=True)
+            async_engine = AsyncEngine(engine)
+            async_engine.start()
+            attach_engine(app, async_engine, args.model or DEFAULT_MODEL)
+            log.info("model %s loaded in %.1f s; serving on http://%s:%d", engine.source.path.name,
+                     time.perf_counter() - start, settings.host, settings.port)
+        except BaseException as e:  # shown to the user as one line, then the server stops
+            failure.append(e)
+            server.should_exit = True
+
+    threading.Thread(target=load, name="llamaserve-load", daemon=True).start()
+    asyncio.run(server.serve())
+    state = app.state.llamaserve
+    if state.engine is not None:
+        state.engine.shutdown()
+    if failure:
+        print(f"llamaserve: error: {failure[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+
