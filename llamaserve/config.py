@@ -91,6 +91,8 @@ class ModelConfig:
         if arch != "llama":
             raise ValueError(f"unsupported architecture {arch!r}: llamaserve serves llama models only")
         heads = d["num_attention_heads"]
+        # transformers >= 5 writes "rope_parameters" (theta and scaling together) instead of the two keys.
+        rope = d.get("rope_parameters") or {}
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -100,8 +102,8 @@ class ModelConfig:
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or 0,
             rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            rope_theta=d.get("rope_theta", 10000.0),
-            rope_scaling=RopeScaling.from_hf(d.get("rope_scaling")),
+            rope_theta=d.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=RopeScaling.from_hf(d.get("rope_scaling") or rope),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         )

@@ -32,3 +32,13 @@ def pytest_collection_modifyitems(config, items):  # noqa: D103
             if "gpu" in item.keywords:
                 item.add_marker(skip)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm_parts(smollm_path: Path):
+    """(model, tokenizer) of the embedded model, loaded once; build engines around them cheaply."""
+    from llamaserve.loader.tokenizer import load_tokenizer
+    from llamaserve.loader.weights import load_model
+
+    model, source = load_model(None)
+    return model, load_tokenizer(source.path, None, source.metadata)

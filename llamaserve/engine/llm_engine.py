@@ -50,7 +50,7 @@ class LLMEngine:
         from llamaserve.loader.weights import load_model
 
         net, source = load_model(model, config.dtype, default_device(config.device), progress=progress)
-        tokenizer = load_tokenizer(source.path, Path(chat_template) if chat_template else None)
+        tokenizer = load_tokenizer(source.path, Path(chat_template) if chat_template else None, source.metadata)
         engine = cls(net, tokenizer, config)
         engine.source = source
         return engine

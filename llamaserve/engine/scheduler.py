@@ -30,6 +30,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the youngest
+        self.num_preemptions = 0  # over the engine's lifetime
 
     @property
     def num_running(self) -> int:
@@ -121,6 +122,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_cached_tokens = 0
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
     def on_step_done(self, output: SchedulerOutput) -> None:

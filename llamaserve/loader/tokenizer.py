@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +59,34 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
 
 
-def _from_gguf(path: Path) -> tuple[Any, list[int]]:
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMASERVE_CACHE", Path.home() / ".cache" / "llamaserve"))
+
+
+def _from_gguf(path: Path, meta: dict[str, Any] | None = None) -> tuple[Any, list[int]]:
+    """transformers converts a GGUF vocabulary in ~10 s; the result is cached as tokenizer.json."""
     from transformers import AutoTokenizer
 
-    from llamaserve.loader.gguf import metadata, open_gguf
+    if meta is None:
+        from llamaserve.loader.gguf import metadata, open_gguf
 
-    meta = metadata(open_gguf(path))
+        meta = metadata(open_gguf(path))
     if meta.get("tokenizer.ggml.model") not in ("llama", "gpt2"):
         raise ModelLoadError(
             f"{path.name}: unsupported tokenizer model {meta.get('tokenizer.ggml.model')!r} (llama or gpt2)"
         )
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer.json").is_file():
+        hf = AutoTokenizer.from_pretrained(str(cached))
+    else:
+        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            hf.save_pretrained(str(cached))
+        except OSError as e:
+            logging.getLogger("llamaserve").warning("cannot cache the tokenizer in %s: %s", cached, e)
     eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
                             "tokenizer.ggml.eom_token_id") if k in meta]
     return hf, [int(e) for e in eos]
@@ -89,9 +107,11 @@ def _from_folder(folder: Path) -> tuple[Any, list[int]]:
     return hf, eos
 
 
-def load_tokenizer(path: Path, chat_template_file: Path | None = None) -> Tokenizer:
+def load_tokenizer(
+    path: Path, chat_template_file: Path | None = None, gguf_metadata: dict[str, Any] | None = None
+) -> Tokenizer:
     """The tokenizer of a GGUF file or HF folder; chat_template_file overrides the model's template."""
-    hf, eos = _from_folder(path) if path.is_dir() else _from_gguf(path)
+    hf, eos = _from_folder(path) if path.is_dir() else _from_gguf(path, gguf_metadata)
     if hf.eos_token_id is not None:
         eos.append(hf.eos_token_id)
     template = getattr(hf, "chat_template", None)

@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -29,6 +30,7 @@ class ModelSource:
     config: ModelConfig
     metadata: dict = field(default_factory=dict)
     tensor_types: Counter = field(default_factory=Counter)
+    reader: Any = None  # the open GGUFReader (parsing its header is slow: it is read once)
 
 
 def inspect_model(model: str | None) -> ModelSource:
@@ -48,7 +50,7 @@ def inspect_model(model: str | None) -> ModelSource:
                     types[str(f.get_slice(name).get_dtype())] += 1
         return ModelSource(path, "hf", cfg, {}, types)
     cfg, meta, reader = gguf_loader.read_config(path)
-    return ModelSource(path, "gguf", cfg, meta, Counter(t.tensor_type.name for t in reader.tensors))
+    return ModelSource(path, "gguf", cfg, meta, Counter(t.tensor_type.name for t in reader.tensors), reader)
 
 
 def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -63,8 +65,7 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.d
 def _tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
     if source.kind == "hf":
         return st_loader.iter_tensors(source.path)
-    reader = gguf_loader.open_gguf(source.path)
-    return gguf_loader.iter_tensors(reader, source.config)
+    return gguf_loader.iter_tensors(source.reader, source.config)
 
 
 def _num_tensors(source: ModelSource) -> int:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,17 +134,32 @@ def _access_log_middleware(app: FastAPI) -> None:
     @app.middleware("http")
     async def log_request(request: Request, call_next: Any) -> Response:
         start = time.monotonic()
-        response = await call_next(request)
-        state = request.app.state.llamaserve
-        if state.settings.log_requests and request.url.path != "/metrics":
-            info = getattr(request.state, "run_info", {})
-            access_log.info(json.dumps({
-                "id": info.get("id"), "method": request.method, "path": request.url.path,
-                "status": response.status_code, "prompt_tokens": info.get("prompt_tokens"),
-                "completion_tokens": info.get("completion_tokens"), "ttft_s": info.get("ttft"),
-                "duration_s": round(time.monotonic() - start, 4),
-            }))
+        response: StreamingResponse = await call_next(request)  # always streaming, from call_next
+        body = response.body_iterator
+
+        async def logged() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in body:
+                    yield chunk
+            finally:  # after the last chunk of a stream (or a disconnect): the run's numbers are known
+                _log_request(request, response.status_code, start)
+
+        response.body_iterator = logged()
         return response
+
+
+def _log_request(request: Request, status: int, start: float) -> None:
+    state: AppState = request.app.state.llamaserve
+    route = request.scope.get("route")
+    state.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
+    if state.settings.log_requests and request.url.path != "/metrics":
+        info = getattr(request.state, "run_info", {})
+        access_log.info(json.dumps({
+            "id": info.get("id"), "method": request.method, "path": request.url.path,
+            "status": status, "prompt_tokens": info.get("prompt_tokens"),
+            "completion_tokens": info.get("completion_tokens"), "ttft_s": info.get("ttft"),
+            "duration_s": round(time.monotonic() - start, 4),
+        }))
 
 
 def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name: str = "") -> FastAPI:
@@ -154,8 +170,8 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name:
     if engine is not None:
         attach_engine(app, engine, model_name)
     _install_error_handlers(app)
-    _access_log_middleware(app)
     app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes)
+    _access_log_middleware(app)  # added last, so outermost: 401s and 413s get their line too
 
     @app.get("/health")
     async def health() -> JSONResponse:

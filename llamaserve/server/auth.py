@@ -6,6 +6,8 @@ import hmac
 import json
 from typing import Any
 
+from starlette.exceptions import HTTPException
+
 from llamaserve.server.protocol import error_body
 
 OPEN_PATHS = frozenset({"/health"})
@@ -72,5 +74,11 @@ class GuardMiddleware:
         return wrapped
 
 
-class BodyTooLarge(Exception):
-    """A chunked body grew past the limit while it was being read."""
+class BodyTooLarge(HTTPException):
+    """A chunked body grew past the limit while it was being read.
+
+    An HTTPException, because FastAPI turns any other error raised while it reads a body into a 400.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")

@@ -1,0 +1,217 @@
+"""The REST API over HTTP (httpx): /predict, tokenize, models, auth, errors, limits, metrics, access log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from fastapi.routing import APIRoute
+
+from tests.e2e.conftest import MODEL, Live
+
+DOC_PATHS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+
+
+def assert_error(r: httpx.Response, status: int) -> dict:
+    """The response has `status` and OpenAI's error shape; returns the error object."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+def metric(text: str, name: str) -> float:
+    """The value of an unlabelled sample in a Prometheus text exposition."""
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert m, f"{name} not in /metrics"
+    return float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def client(server: Live) -> Iterator[httpx.Client]:
+    with server.client() as c:
+        yield c
+
+
+def test_predict_prompt_and_query(client: httpx.Client) -> None:
+    a = client.post("/predict", json={"prompt": "What is 2+2?", "max_tokens": 4})
+    b = client.post("/predict", json={"query": "What is 2+2?", "max_tokens": 4})
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    assert set(a.json()) >= {"response", "finish_reason", "usage"}
+    assert a.json()["response"] and a.json()["response"] == b.json()["response"]  # greedy by default
+    usage = a.json()["usage"]
+    assert usage["completion_tokens"] <= 4 and usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert a.json()["finish_reason"] in ("stop", "length")
+
+
+def test_predict_needs_a_prompt(client: httpx.Client) -> None:
+    assert_error(client.post("/predict", json={}), 400)
+    assert_error(client.post("/predict", json={"prompt": ""}), 400)
+
+
+def test_tokenize_detokenize_round_trip(client: httpx.Client) -> None:
+    text = "Hello, paged attention! Ünïcödé ✓"
+    r = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
+    assert r.status_code == 200, r.text
+    tokens = r.json()["tokens"]
+    assert r.json()["count"] == len(tokens) > 0
+    back = client.post("/detokenize", json={"tokens": tokens})
+    assert back.status_code == 200 and back.json()["prompt"] == text
+    assert_error(client.post("/detokenize", json={"tokens": [-1]}), 400)
+    assert_error(client.post("/detokenize", json={"tokens": [10**9]}), 400)
+    assert_error(client.post("/tokenize", json={}), 400)
+
+
+def test_models(client: httpx.Client) -> None:
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    data = r.json()["data"]
+    assert [m["id"] for m in data] == [MODEL] and data[0]["object"] == "model"
+    one = client.get(f"/v1/models/{MODEL}")
+    assert one.status_code == 200 and one.json()["id"] == MODEL
+    assert assert_error(client.get("/v1/models/nope"), 404)["code"] == "model_not_found"
+
+
+def test_health_is_open_but_models_are_not(server: Live) -> None:
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert_error(httpx.get(f"{server.url}/v1/models"), 401)
+
+
+def _api_routes(server: Live) -> list[tuple[str, str]]:
+    routes = []
+    for route in server.app.routes:
+        if not isinstance(route, APIRoute) or route.path == "/health" or route.path in DOC_PATHS:
+            continue
+        path = route.path.replace("{model_id:path}", MODEL)
+        routes += [(method, path) for method in sorted(route.methods)]
+    return routes
+
+
+def test_every_route_but_health_needs_the_key(server: Live) -> None:
+    routes = _api_routes(server)
+    assert len(routes) >= 8  # every API route is covered, including ones added later
+    bad = [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-key"},
+           {"Authorization": "Basic test-key"}, {"Authorization": "Bearer"}]
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        for method, path in routes:
+            for headers in bad:
+                r = c.request(method, path, headers=headers, json={"prompt": "hi"})
+                error = assert_error(r, 401)
+                assert error["type"] == "authentication_error", (method, path)
+                assert r.headers.get("www-authenticate") == "Bearer"
+
+
+def test_malformed_json_is_400(client: httpx.Client) -> None:
+    for path in ("/v1/chat/completions", "/v1/completions", "/predict", "/tokenize"):
+        r = client.post(path, content=b'{"prompt": "hi",', headers={"Content-Type": "application/json"})
+        error = assert_error(r, 400)
+        assert error["type"] == "invalid_request_error" and "JSON" in error["message"]
+    # valid JSON of the wrong shape
+    assert_error(client.post("/v1/completions", json=["not", "an", "object"]), 400)
+    assert_error(client.post("/v1/chat/completions", json={"messages": "hi"}), 400)
+
+
+def test_unknown_route_is_404(client: httpx.Client) -> None:
+    assert assert_error(client.get("/v2/nothing"), 404)["type"] == "not_found_error"
+    assert_error(client.post("/v1/nothing", json={}), 404)
+
+
+def test_body_over_the_limit_is_413(server: Live, client: httpx.Client) -> None:
+    limit = server.app.state.llamaserve.settings.max_body_bytes
+    big = json.dumps({"prompt": "x" * (limit + 10)}).encode()
+    r = client.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+    assert assert_error(r, 413)["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must hold while reading
+        for i in range(0, len(big), 16 * 1024):
+            yield big[i : i + 16 * 1024]
+
+    r = client.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert assert_error(r, 413)["code"] == "request_too_large"
+    assert client.get("/v1/models").status_code == 200  # the server is fine afterwards
+
+
+METRIC_NAMES = (
+    "llamaserve_num_requests_running", "llamaserve_num_requests_waiting", "llamaserve_kv_cache_usage_perc",
+    "llamaserve_prefix_cache_hits_total", "llamaserve_prefix_cache_queries_total",
+    "llamaserve_prompt_tokens_total", "llamaserve_generation_tokens_total",
+    "llamaserve_time_to_first_token_seconds_bucket", "llamaserve_time_per_output_token_seconds_bucket",
+    "llamaserve_e2e_request_latency_seconds_bucket", "llamaserve_requests_rejected_queue_full_total",
+)
+
+
+def test_metrics(client: httpx.Client) -> None:
+    before = client.get("/metrics")
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+    for name in METRIC_NAMES:
+        assert re.search(rf"^{name}[ {{]", before.text, re.M), name
+    r = client.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 3, "temperature": 0,
+                                             "ignore_eos": True})
+    assert r.status_code == 200
+    after = client.get("/metrics").text
+    usage = r.json()["usage"]
+    assert metric(after, "llamaserve_prompt_tokens_total") - metric(
+        before.text, "llamaserve_prompt_tokens_total") >= usage["prompt_tokens"]
+    assert metric(after, "llamaserve_generation_tokens_total") - metric(
+        before.text, "llamaserve_generation_tokens_total") >= 3
+    assert metric(after, "llamaserve_e2e_request_latency_seconds_count") > metric(
+        before.text, "llamaserve_e2e_request_latency_seconds_count")
+    assert metric(after, "llamaserve_time_to_first_token_seconds_count") > metric(
+        before.text, "llamaserve_time_to_first_token_seconds_count")
+    assert metric(after, "llamaserve_prefix_cache_queries_total") >= metric(
+        before.text, "llamaserve_prefix_cache_queries_total")
+    assert re.search(r'^llamaserve_requests_total\{route="/v1/completions",status="200"\} [1-9]', after,
+                     re.M)
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture, rid: str, timeout: float = 5.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:  # a stream's line is written when its last chunk has gone out, just after the client's read
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "llamaserve.access"]
+        mine = [line for line in lines if line["id"] == rid]
+        if mine or time.monotonic() > deadline:
+            return mine
+        time.sleep(0.05)
+
+
+def test_access_log_line(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="llamaserve.access")
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+            "ignore_eos": True}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    [line] = _access_lines(caplog, r.json()["id"])
+    assert line["status"] == 200 and line["path"] == "/v1/chat/completions" and line["method"] == "POST"
+    assert line["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert line["completion_tokens"] == 3
+    assert line["ttft_s"] >= 0 and line["duration_s"] >= line["ttft_s"]
+
+
+def test_access_log_line_of_a_stream(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="llamaserve.access")
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    rid = json.loads(events[0])["id"]
+    [line] = _access_lines(caplog, rid)
+    assert line["status"] == 200
+    assert line["prompt_tokens"] > 0 and line["completion_tokens"] == 3
+    assert line["ttft_s"] is not None and line["duration_s"] >= line["ttft_s"]
+
+
+def test_access_log_of_client_errors(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="llamaserve.access")
+    assert client.post("/v1/completions", json={"prompt": "x", "temperature": 5}).status_code == 400
+    lines = _access_lines(caplog, None)  # type: ignore[arg-type]
+    assert any(line["status"] == 400 and line["path"] == "/v1/completions" for line in lines)

@@ -1,0 +1,152 @@
+"""The engine on the embedded model: batching invariance, seeds, n > 1, stops, logprobs, pool accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamaserve.config import EngineConfig
+from llamaserve.engine.llm_engine import LLMEngine
+from llamaserve.engine.sampling_params import SamplingParams
+from llamaserve.model.kv_cache import PagedKVCache, build_metadata
+
+QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea.",
+    "What is 12 times 7?", "Explain gravity to a child.", "List two uses of copper.",
+    "Who wrote Hamlet?", "Give me a synonym for happy.", "What is photosynthesis?",
+    "Translate 'good morning' to Spanish.", "Why is the sky blue?", "Suggest a name for a cat.",
+    "What does a CPU do?", "How many legs does a spider have?", "Describe a sunset in one sentence.",
+    "What is the boiling point of water?",
+]
+
+
+def make_engine(parts, **kw) -> LLMEngine:
+    model, tokenizer = parts
+    return LLMEngine(model, tokenizer, EngineConfig(**({"kv_cache_memory": 0.1} | kw)))
+
+
+def chat_ids(engine: LLMEngine, q: str) -> list[int]:
+    return engine.tokenizer.encode_chat([{"role": "user", "content": q}])
+
+
+def test_batched_greedy_equals_one_by_one(smollm_parts):
+    """Determinism under batching: each request's greedy text does not depend on its batch-mates."""
+    engine = make_engine(smollm_parts)
+    prompts = [chat_ids(engine, q) for q in QUESTIONS]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    alone = [engine.generate([p], params)[0][0] for p in prompts]
+    together = [out[0] for out in engine.generate(prompts, params)]
+    same = sum(a == b for a, b in zip(alone, together, strict=True))
+    print(f"batch invariance: {same}/16 identical")
+    assert same == 16
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_seeded_sampling_repeats_alone_and_in_a_batch(smollm_parts):
+    engine = make_engine(smollm_parts)
+    prompt = chat_ids(engine, "Tell me a story about a dragon.")
+    seeded = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=1234)
+    first = engine.generate([prompt], seeded)[0][0]
+    assert engine.generate([prompt], seeded)[0][0] == first
+    others = [chat_ids(engine, q) for q in QUESTIONS[:5]]
+    mixed = engine.generate([prompt] + others, [seeded] + [SamplingParams(max_tokens=20, temperature=1.0)] * 5)
+    assert mixed[0][0] == first
+    different = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=99))
+    assert different[0][0] != first
+
+
+def test_n_choices_share_the_prompt_blocks(smollm_parts):
+    engine = make_engine(smollm_parts)
+    prompt = chat_ids(engine, "Write a long poem about the ocean and its many moods, please.")
+    assert len(prompt) > 2 * engine.config.block_size
+    outs = engine.generate([prompt], SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=7))[0]
+    assert len(outs) == 3 and all(len(o) == 12 or o[-1] in engine.tokenizer.eos_token_ids for o in outs)
+    assert len({tuple(o) for o in outs}) > 1  # distinct seeds per choice (seed + index)
+    full_blocks = (len(prompt) - 1) // engine.config.block_size
+    # the two siblings found every full block of the prompt in the cache
+    assert engine.block_manager.prefix_hit_tokens >= 2 * full_blocks * engine.config.block_size
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_stop_string_is_left_out(smollm_parts):
+    engine = make_engine(smollm_parts)
+    prompt = chat_ids(engine, "What is the capital of France?")
+    full = engine.generate([prompt], SamplingParams(max_tokens=16, temperature=0.0))[0][0]
+    text = engine.tokenizer.decode(full)
+    assert "Paris" in text
+    engine.add_request("s", prompt, SamplingParams(max_tokens=16, temperature=0.0, stop=["Paris"]))
+    pieces, reasons = [], []
+    while engine.has_unfinished:
+        for out in engine.step():
+            pieces += [c.text for c in out.outputs]
+            reasons += [(c.finish_reason, c.stop_reason) for c in out.outputs if c.finish_reason]
+    assert "".join(pieces) == text[: text.index("Paris")]
+    assert reasons == [("stop", "Paris")]
+
+
+def test_logprobs_equal_log_softmax_of_a_full_forward(smollm_parts):
+    engine = make_engine(smollm_parts)
+    model = smollm_parts[0]
+    prompt = chat_ids(engine, "Name a fruit.")
+    engine.add_request("lp", prompt, SamplingParams(max_tokens=6, temperature=0.0, logprobs=3))
+    got = []
+    while engine.has_unfinished:
+        for out in engine.step():
+            got += [lp for c in out.outputs for lp in (c.logprobs or [])]
+    tokens = prompt + [g.token_id for g in got]
+    cfg = model.config
+    cache = PagedKVCache(cfg.num_hidden_layers, 8, 16, cfg.num_key_value_heads, cfg.head_dim, torch.float32)
+    with torch.inference_mode():
+        meta = build_metadata([(list(range(8)), 0, len(tokens))], 16)
+        logits = model.logits(model(torch.tensor(tokens), torch.arange(len(tokens)), meta, cache))
+    ref = torch.log_softmax(logits, dim=-1)
+    for i, g in enumerate(got):
+        row = ref[len(prompt) - 1 + i]
+        assert g.logprob == pytest.approx(row[g.token_id].item(), abs=1e-4)
+        top = torch.topk(row, 3)
+        assert [t for t, _ in g.top] == top.indices.tolist()
+        assert [v for _, v in g.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_preemption_recomputes_to_the_same_text(smollm_parts):
+    """A pool too small for all sequences forces preemption; greedy output is unchanged."""
+    roomy = make_engine(smollm_parts)
+    prompts = [chat_ids(roomy, q) for q in QUESTIONS[:6]]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    expected = roomy.generate(prompts, params)
+    per_block = 2 * 30 * 16 * 3 * 64 * 4  # layers, block size, kv heads, head dim, float32
+    tight = make_engine(smollm_parts, kv_cache_memory=20 * per_block / 1024**3)
+    assert tight.num_blocks == 20
+    got = tight.generate(prompts, params)
+    assert got == expected
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.block_manager.num_free_blocks == tight.num_blocks
+
+
+def test_finished_and_aborted_requests_free_every_block(smollm_parts):
+    engine = make_engine(smollm_parts)
+    for i, q in enumerate(QUESTIONS[:8]):
+        engine.add_request(f"r{i}", chat_ids(engine, q), SamplingParams(max_tokens=8 + i, temperature=0.0))
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_free_blocks < engine.num_blocks
+    engine.abort_request("r1")
+    engine.abort_request("r6")
+    aborted = 0
+    while engine.has_unfinished:
+        engine.step()
+        if engine.num_steps == 5:
+            aborted = int(engine.abort_request("r3") is not None)
+    assert aborted == 1
+    assert not engine.requests
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    assert all(b.ref_count == 0 for b in engine.block_manager.blocks)
+
+
+def test_prompt_that_does_not_fit_is_refused_with_numbers(smollm_parts):
+    engine = make_engine(smollm_parts, max_model_len=64)
+    with pytest.raises(ValueError, match=r"context length is 64.*prompt has 60 tokens.*max_tokens is 10"):
+        engine.add_request("x", [1] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.add_request("y", [1] * 4, SamplingParams(logit_bias={10**6: 1.0}))
+    assert not engine.requests and engine.scheduler.num_waiting == 0

@@ -1,0 +1,130 @@
+"""Every way a model can fail to load is a ModelLoadError naming the problem; the CLI shows no traceback."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from llamaserve.loader.errors import ModelLoadError
+from llamaserve.loader.weights import inspect_model, load_model
+from tests.checkpoints import gguf_tensors, tiny_hf_model, write_gguf
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_hf_model(seed=1)
+
+
+@pytest.fixture(scope="module")
+def valid_gguf(tmp_path_factory, model) -> Path:
+    return write_gguf(tmp_path_factory.mktemp("gguf") / "ok.gguf", model.config, gguf_tensors(model, QT.F16))
+
+
+def test_missing_path(tmp_path) -> None:
+    missing = tmp_path / "nowhere" / "model.gguf"
+    with pytest.raises(ModelLoadError, match="not found") as e:
+        load_model(str(missing))
+    assert str(missing) in str(e.value)
+
+
+def test_a_text_file_is_not_gguf(tmp_path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not a model\n")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        inspect_model(str(path))
+
+
+def test_an_empty_file_is_not_gguf(tmp_path) -> None:
+    path = tmp_path / "empty.gguf"
+    path.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        load_model(str(path))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.001], ids=["half", "last-bytes", "header"])
+def test_truncated_gguf(tmp_path, valid_gguf, keep: float) -> None:
+    data = valid_gguf.read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[: max(8, int(len(data) * keep))])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        load_model(str(path))
+
+
+def test_the_valid_file_loads(valid_gguf) -> None:
+    """The file the truncation tests cut is itself fine."""
+    net, _ = load_model(str(valid_gguf), dtype="float32")
+    assert net.config.num_hidden_layers == 2
+
+
+def test_architecture_other_than_llama(tmp_path, model) -> None:
+    path = write_gguf(tmp_path / "gpt2.gguf", model.config, gguf_tensors(model, QT.F16), arch="gpt2")
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'gpt2'"):
+        inspect_model(str(path))
+
+
+@pytest.mark.parametrize("qtype", [QT.IQ4_NL, QT.TQ1_0], ids=lambda q: q.name)
+def test_unsupported_tensor_type(tmp_path, model, qtype: QT) -> None:
+    import gguf
+
+    tensors = gguf_tensors(model, QT.F16)
+    block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = tensors["blk.0.ffn_down.weight"][0].shape  # 64 x 128: 128 is not a multiple of 256
+    cols = max(cols, block)
+    data = np.random.default_rng(0).integers(0, 256, (rows, cols // block * nbytes), dtype=np.uint8)
+    tensors["blk.0.ffn_down.weight"] = (data, qtype)
+    path = write_gguf(tmp_path / f"{qtype.name}.gguf", model.config, tensors)
+    with pytest.raises(ModelLoadError, match=f"blk.0.ffn_down.weight has type {qtype.name}"):
+        load_model(str(path))
+
+
+def test_missing_tensor(tmp_path, model) -> None:
+    tensors = gguf_tensors(model, QT.F16)
+    del tensors["blk.1.attn_k.weight"]
+    path = write_gguf(tmp_path / "holes.gguf", model.config, tensors)
+    with pytest.raises(ModelLoadError, match=r"lacks 1 tensors.*layers\.1\.attention\.wqkv"):
+        load_model(str(path))
+
+
+def test_hf_folder_of_another_architecture(tmp_path, model) -> None:
+    model.config.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'mistral'"):
+        load_model(str(tmp_path))
+
+
+def test_folder_without_config(tmp_path) -> None:
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        inspect_model(str(tmp_path))
+
+
+def test_folder_without_weights(tmp_path, model) -> None:
+    model.config.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
+        load_model(str(tmp_path))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llamaserve.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+NO_CLI = importlib.util.find_spec("llamaserve.cli") is None
+
+
+@pytest.mark.skipif(NO_CLI, reason="llamaserve.cli not written yet")
+def test_cli_info_with_a_missing_model_prints_the_error_without_a_traceback(tmp_path) -> None:
+    missing = tmp_path / "missing.gguf"
+    result = run_cli("info", "--model", str(missing))
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert f"model {str(missing)!r} not found" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,208 @@
+"""GGUF files in llama.cpp's layout load to transformers' logits; metadata parses to the right config."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
+
+from llamaserve.config import ModelConfig, RopeScaling
+from llamaserve.loader.gguf import read_config
+from llamaserve.loader.weights import inspect_model, load_model
+from tests.checkpoints import (
+    K_QUANTS,
+    dequantized_copy,
+    gguf_tensors,
+    hf_logits,
+    permute_qk,
+    random_k_blocks,
+    rel_err,
+    tiny_hf_model,
+    write_gguf,
+)
+from tests.paged import forward_logits
+
+IDS = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+@pytest.fixture(scope="module")
+def model():
+    """GQA (4 query heads, 2 KV heads), so the K permutation must use the KV head count."""
+    return tiny_hf_model(seed=11)
+
+
+@pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0], ids=lambda q: q.name)
+def test_logits_match_transformers_on_the_dequantized_weights(tmp_path, model, qtype: QT) -> None:
+    path = write_gguf(tmp_path / f"tiny-{qtype.name}.gguf", model.config, gguf_tensors(model, qtype))
+    net, source = load_model(str(path), dtype="float32")
+    assert source.kind == "gguf"
+    layers = model.config.num_hidden_layers
+    expected = Counter({qtype.name: 7 * layers + 2}) + Counter({"F32": 2 * layers + 1})  # matrices, norms
+    assert source.tensor_types == expected
+    ref = dequantized_copy(model, qtype) if qtype != QT.F32 else model
+    err = rel_err(forward_logits(net, IDS), hf_logits(ref, IDS))
+    print(f"{qtype.name}: max relative logit error {err:.2e}")
+    assert err <= 1e-4
+    if qtype in (QT.Q8_0, QT.Q4_0):  # the quantized file really differs from the float model
+        assert rel_err(hf_logits(ref, IDS), hf_logits(model, IDS)) > 1e-4
+
+
+def test_config_from_metadata(tmp_path, model) -> None:
+    c = model.config
+    path = write_gguf(tmp_path / "tiny.gguf", c, gguf_tensors(model, QT.F32))
+    cfg, meta, _ = read_config(path)
+    assert meta["general.architecture"] == "llama"
+    assert cfg == ModelConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+        rope_theta=50000.0, max_position_embeddings=512, tie_word_embeddings=False,
+    )
+
+
+def test_vocab_size_from_the_token_list_when_the_key_is_absent(tmp_path, model) -> None:
+    """Older conversions (Llama 2 era) write no llama.vocab_size: the token list's length is the vocab."""
+    tokens = [f"t{i}" for i in range(model.config.vocab_size)]
+    path = write_gguf(tmp_path / "t.gguf", model.config, gguf_tensors(model, QT.F16),
+                      vocab_size_key=False, tokens=tokens)
+    cfg, meta, _ = read_config(path)
+    assert "llama.vocab_size" not in meta
+    assert cfg.vocab_size == 256
+
+
+def test_tied_embeddings_when_the_file_has_no_output_tensor(tmp_path) -> None:
+    tied = tiny_hf_model(seed=5, tie_word_embeddings=True)
+    tensors = gguf_tensors(tied, QT.F16)
+    assert "output.weight" not in tensors
+    net, source = load_model(str(write_gguf(tmp_path / "tied.gguf", tied.config, tensors)), dtype="float32")
+    assert source.config.tie_word_embeddings
+    assert net.output.weight is net.tok_embeddings.weight
+    assert rel_err(forward_logits(net, IDS), hf_logits(dequantized_copy(tied, QT.F16), IDS)) <= 1e-4
+
+
+def test_linear_rope_scaling_from_metadata(tmp_path) -> None:
+    scaled = tiny_hf_model(seed=6, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    path = write_gguf(tmp_path / "linear.gguf", scaled.config, gguf_tensors(scaled, QT.F32),
+                      rope_scaling_factor=4.0)
+    net, source = load_model(str(path), dtype="float32")
+    assert source.config.rope_scaling == RopeScaling("linear", 4.0)
+    assert rel_err(forward_logits(net, IDS), hf_logits(scaled, IDS)) <= 1e-4
+
+
+def llama3_rope_factors(head_dim: int, theta: float, scaling: dict) -> np.ndarray:
+    """The rope_freqs.weight tensor convert_hf_to_gguf writes for Llama 3 RoPE scaling."""
+    freqs = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    old, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def test_llama3_rope_from_the_rope_freqs_tensor(tmp_path) -> None:
+    """llama.cpp keeps Llama 3 scaling as a per-frequency divisor tensor, not as metadata."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    scaled = tiny_hf_model(seed=8, rope_scaling=scaling)
+    tensors = gguf_tensors(scaled, QT.F32)
+    factors = llama3_rope_factors(16, 50000.0, scaling)
+    assert 1.0 < factors.max()  # some frequencies are scaled at this size
+    tensors["rope_freqs.weight"] = (factors, QT.F32)
+    net, _ = load_model(str(write_gguf(tmp_path / "llama3.gguf", scaled.config, tensors)), dtype="float32")
+    err = rel_err(forward_logits(net, IDS), hf_logits(scaled, IDS))  # positions up to 99 > 64
+    print(f"llama3 rope_freqs: max relative logit error {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_k_quant_weights_equal_gguf_dequantize(tmp_path) -> None:
+    """K-quants (no numpy quantizer exists): random blocks, each matrix a different K type."""
+    big = tiny_hf_model(seed=9, hidden_size=256, intermediate_size=512, head_dim=64)
+    c = big.config
+    rng = np.random.default_rng(0)
+    tensors = gguf_tensors(big, QT.F32)
+    raw: dict[str, tuple[np.ndarray, QT]] = {}
+    for i, (name, (data, _)) in enumerate(sorted(tensors.items())):
+        if data.ndim == 2:
+            qtype = K_QUANTS[i % len(K_QUANTS)]
+            raw[name] = (random_k_blocks(rng, *data.shape, qtype), qtype)
+    tensors.update(raw)
+    assert {q for _, q in raw.values()} == set(K_QUANTS)
+    net, source = load_model(str(write_gguf(tmp_path / "k.gguf", c, tensors)), dtype="float32")
+    assert {k for k in source.tensor_types} == {"F32", *(q.name for q in K_QUANTS)}
+
+    def ours(name: str) -> np.ndarray:
+        """Our parameter for a GGUF tensor name, in the file's (permuted) row order."""
+        if name == "token_embd.weight":
+            return net.tok_embeddings.weight.detach().numpy()
+        if name == "output.weight":
+            return net.output.weight.detach().numpy()
+        layer, kind = int(name.split(".")[1]), name.split(".")[2]
+        block = net.layers[layer]
+        q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        inter = c.intermediate_size
+        wqkv = block.attention.wqkv.weight.detach().numpy()
+        w13 = block.feed_forward.w13.weight.detach().numpy()
+        return {
+            "attn_q": permute_qk(wqkv[:q], c.num_attention_heads),
+            "attn_k": permute_qk(wqkv[q : q + kv], c.num_key_value_heads),
+            "attn_v": wqkv[q + kv :],
+            "attn_output": block.attention.wo.weight.detach().numpy(),
+            "ffn_gate": w13[:inter],
+            "ffn_up": w13[inter:],
+            "ffn_down": block.feed_forward.w2.weight.detach().numpy(),
+        }[kind]
+
+    for name, (data, qtype) in raw.items():
+        expected = dequantize(data, qtype)
+        assert np.isfinite(expected).all()
+        np.testing.assert_array_equal(ours(name), expected, err_msg=f"{name} ({qtype.name})")
+    hidden = forward_logits(net, IDS[:20])
+    assert torch.isfinite(hidden).all()
+
+
+LLAMA2_7B = ModelConfig(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-5,
+    rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+)
+
+
+def test_llama2_7b_metadata_parses_without_tensors(tmp_path) -> None:
+    """Llama 2 7B's real metadata with one-number placeholder tensors: the config alone is read."""
+    import gguf
+
+    path = tmp_path / "llama-2-7b.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("LLaMA v2")
+    w.add_context_length(4096)
+    w.add_embedding_length(4096)
+    w.add_block_count(32)
+    w.add_feed_forward_length(11008)
+    w.add_rope_dimension_count(128)
+    w.add_head_count(32)
+    w.add_head_count_kv(32)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(32000)
+    for name in ("token_embd.weight", "output_norm.weight", "output.weight"):
+        w.add_tensor(name, np.zeros(1, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert path.stat().st_size < 10_000
+    source = inspect_model(str(path))
+    assert source.kind == "gguf"
+    assert source.config == LLAMA2_7B
+    assert source.config.num_parameters == 6_738_415_616

@@ -1,0 +1,80 @@
+"""Drive our Transformer over a paged KV cache as the engine does: chunked prefill, then decode steps."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from llamaserve.model.kv_cache import PagedKVCache, build_metadata
+from llamaserve.model.llama import Transformer
+
+
+@dataclass
+class Seq:
+    """One sequence: its token ids, its block table and how many tokens are in the cache."""
+
+    ids: list[int]
+    table: list[int]
+    done: int = 0
+
+
+def new_seqs(
+    net: Transformer, prompts: list[list[int]], extra: int = 0, block_size: int = 16, seed: int = 0
+) -> tuple[PagedKVCache, list[Seq]]:
+    """A cache big enough for every prompt plus `extra` tokens; block tables shuffled and interleaved."""
+    need = [-(-(len(p) + extra) // block_size) for p in prompts]
+    blocks = list(range(sum(need) + 1))  # one spare block that nobody owns
+    random.Random(seed).shuffle(blocks)
+    seqs, start = [], 0
+    for p, n in zip(prompts, need, strict=True):
+        seqs.append(Seq(list(p), blocks[start : start + n]))
+        start += n
+    cfg = net.config
+    dtype = net.tok_embeddings.weight.dtype
+    cache = PagedKVCache(
+        cfg.num_hidden_layers, len(blocks), block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
+    )
+    return cache, seqs
+
+
+def step(
+    net: Transformer, cache: PagedKVCache, work: list[tuple[Seq, int]], last_only: bool = False
+) -> list[torch.Tensor]:
+    """Run n new tokens of each (seq, n) in one batch; return each one's logits [n or 1, vocab]."""
+    meta = build_metadata([(s.table, s.done, n) for s, n in work], cache.block_size)
+    ids = torch.tensor([t for s, n in work for t in s.ids[s.done : s.done + n]])  # [T]
+    positions = torch.cat([torch.arange(s.done, s.done + n) for s, n in work])  # [T]
+    sizes = [n for _, n in work]
+    with torch.no_grad():
+        hidden = net(ids, positions, meta, cache)  # [T, hidden]
+        if last_only:
+            hidden, sizes = hidden[torch.tensor(sizes).cumsum(0) - 1], [1] * len(work)
+        logits = net.logits(hidden)  # [T or B, vocab]
+    for s, n in work:
+        s.done += n
+    return list(logits.split(sizes))
+
+
+def forward_logits(net: Transformer, ids: list[int], chunks: list[int] | None = None) -> torch.Tensor:
+    """Logits [T, vocab] of one sequence, computed in chunks of the given sizes (default: one)."""
+    cache, (seq,) = new_seqs(net, [ids])
+    sizes = chunks or [len(ids)]
+    assert sum(sizes) == len(ids)
+    return torch.cat([step(net, cache, [(seq, n)])[0] for n in sizes])
+
+
+def greedy(net: Transformer, prompts: list[list[int]], n: int, block_size: int = 16) -> list[list[int]]:
+    """n greedy tokens for each prompt: one batched prefill, then n - 1 batched decode steps."""
+    cache, seqs = new_seqs(net, prompts, extra=n, block_size=block_size)
+    out: list[list[int]] = [[] for _ in prompts]
+    logits = step(net, cache, [(s, len(s.ids)) for s in seqs], last_only=True)
+    for i in range(n):
+        for s, row, toks in zip(seqs, logits, out, strict=True):
+            token = int(row[-1].argmax())
+            toks.append(token)
+            s.ids.append(token)
+        if i < n - 1:
+            logits = step(net, cache, [(s, 1) for s in seqs], last_only=True)
+    return out
