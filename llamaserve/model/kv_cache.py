@@ -58,32 +58,31 @@ def build_metadata(
     Token i of a sequence lives in slot block_table[i // block_size] * block_size + i % block_size;
     new token j (position num_computed + j) attends to positions 0..num_computed + j.
     """
-    slots: list[int] = []
-    ctx: list[list[int]] = []
-    q_lens = [n for _, _, n in chunks]
-    for table, done, new in chunks:
-        seq_slots = [table[i // block_size] * block_size + i % block_size for i in range(done + new)]
-        slots.extend(seq_slots[done:])
-        ctx.append(seq_slots)
-    B, Q = len(chunks), max(q_lens)
-    L = max(len(c) for c in ctx)
-    ctx_slots = torch.tensor([c + [0] * (L - len(c)) for c in ctx], dtype=torch.long)
-    ctx_lens = torch.tensor([len(c) for c in ctx], dtype=torch.long)
+    B = len(chunks)
+    done = torch.tensor([c[1] for c in chunks], dtype=torch.long)  # [B]
+    q_lens = torch.tensor([c[2] for c in chunks], dtype=torch.long)  # [B]
+    ctx_lens = done + q_lens
+    Q, L = int(q_lens.max()), int(ctx_lens.max())
+    width = max(len(c[0]) for c in chunks)
+    tables = torch.tensor([c[0] + [0] * (width - len(c[0])) for c in chunks], dtype=torch.long)  # [B, W]
     cols = torch.arange(L)
+    valid = cols[None, :] < ctx_lens[:, None]  # [B, L]
+    blocks = torch.gather(tables, 1, (cols // block_size).clamp(max=width - 1).expand(B, L))
+    ctx_slots = torch.where(valid, blocks * block_size + cols % block_size, 0)  # [B, L]
+    # The new tokens' slots, in the flat (sequence-major) order of the step's tokens.
+    slot_mapping = ctx_slots[valid & (cols[None, :] >= done[:, None])]  # [T]
     if Q == 1:
-        # One query per sequence: it sees its whole context, nothing of the padding.
-        mask = (cols[None, :] < ctx_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+        mask = valid[:, None, None, :]  # [B, 1, 1, L]: one query per sequence sees its whole context
         q_dest = None
     else:
-        q_lens_t = torch.tensor(q_lens)
         rows = torch.arange(Q)
-        # Query row r of sequence b sits at position (ctx_len - q_len + r) and sees columns <= that.
-        qpos = (ctx_lens - q_lens_t)[:, None] + rows[None, :]  # [B, Q]
-        # Padding rows (r >= q_len) see a non-empty prefix too, so they never produce NaN.
+        # Query row r of sequence b sits at position done + r and sees columns <= that. Padding rows
+        # (r >= q_len) see a non-empty prefix too, so they never produce NaN; their output is dropped.
+        qpos = done[:, None] + rows[None, :]  # [B, Q]
         mask = (cols[None, None, :] <= qpos[:, :, None])[:, None]  # [B, 1, Q, L]
-        q_dest = torch.cat([b * Q + torch.arange(n) for b, n in enumerate(q_lens)])
+        q_dest = (torch.arange(B)[:, None] * Q + rows[None, :])[rows[None, :] < q_lens[:, None]]  # [T]
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        slot_mapping=slot_mapping.to(device),
         ctx_slots=ctx_slots.to(device),
         mask=mask.to(device),
         ctx_lens=ctx_lens.to(device),

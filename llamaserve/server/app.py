@@ -137,7 +137,7 @@ def _access_log_middleware(app: FastAPI) -> None:
         response: StreamingResponse = await call_next(request)  # always streaming, from call_next
         body = response.body_iterator
 
-        async def logged() -> AsyncIterator[bytes]:
+        async def logged() -> AsyncIterator[str | bytes | memoryview]:
             try:
                 async for chunk in body:
                     yield chunk

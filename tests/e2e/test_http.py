@@ -173,7 +173,7 @@ def test_metrics(client: httpx.Client) -> None:
                      re.M)
 
 
-def _access_lines(caplog: pytest.LogCaptureFixture, rid: str, timeout: float = 5.0) -> list[dict]:
+def _access_lines(caplog: pytest.LogCaptureFixture, rid: str | None, timeout: float = 5.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     while True:  # a stream's line is written when its last chunk has gone out, just after the client's read
         lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "llamaserve.access"]
@@ -213,5 +213,7 @@ def test_access_log_line_of_a_stream(client: httpx.Client, caplog: pytest.LogCap
 def test_access_log_of_client_errors(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="llamaserve.access")
     assert client.post("/v1/completions", json={"prompt": "x", "temperature": 5}).status_code == 400
-    lines = _access_lines(caplog, None)  # type: ignore[arg-type]
+    assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    lines = _access_lines(caplog, None)  # client errors carry no request id
     assert any(line["status"] == 400 and line["path"] == "/v1/completions" for line in lines)
+    assert any(line["status"] == 401 and line["path"] == "/v1/models" for line in lines)
