@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 import uuid
@@ -34,6 +35,33 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (a trailing /v1 is fine)")
+    p.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    p.add_argument("--model", default=None, help="model name to request (default: the server's first)")
+    p.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
+    load = p.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, nargs="+", default=None, metavar="N",
+                      help="closed loop: N requests in flight, one level each (default: 1 8 16)")
+    load.add_argument("--request-rate", type=float, nargs="+", default=None, metavar="R",
+                      help="open loop: Poisson arrivals at R requests/s, one level each (inf: all at once)")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests per level")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--ignore-eos", action="store_true", help="ask the server to generate all max-tokens")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--prompts-jsonl", default=None, metavar="FILE",
+                   help='one JSON object a line with "prompt" or "messages" (default: 64 built-in prompts)')
+    p.add_argument("--seed", type=int, default=0, help="prompt order and arrival times")
+    p.add_argument("--ttft-slo-ms", type=float, default=None, help="goodput SLO on time to first token")
+    p.add_argument("--tpot-slo-ms", type=float, default=None, help="goodput SLO on time per output token")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--label", default=None, help="name of this run in the JSON and plots")
+    p.add_argument("--json-out", default=None, metavar="FILE", help="config, metrics and per-request records")
+    p.add_argument("--plot-out", default=None, metavar="FILE.png", help="tokens/s and TTFT p50 per level")
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSON",
+                   help="no load: print and plot (with --plot-out) these --json-out results together")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamaserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print a model's config, size and tensor types")
     info.add_argument("--model", default=None)
+
+    bench = sub.add_parser("bench", help="load-test an OpenAI-compatible server: TTFT, ITL, TPOT, tokens/s")
+    _bench_args(bench)
     return parser
 
 
@@ -103,6 +134,43 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llamaserve.bench import report
+    from llamaserve.bench.load import BenchConfig, BenchError, run_bench
+
+    if args.compare:
+        runs = [report.load_result(path) for path in args.compare]
+        for label, metrics in runs:
+            print(f"{label}\n{report.format_table(metrics)}\n")
+        if args.plot_out:
+            report.plot_results(runs, args.plot_out)
+        return 0
+    cfg = BenchConfig(
+        base_url=args.base_url, api_key=args.api_key, model=args.model, endpoint=args.endpoint,
+        concurrency=tuple(args.concurrency or ([] if args.request_rate else [1, 8, 16])),
+        request_rates=tuple(args.request_rate or []), num_prompts=args.num_prompts,
+        max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, temperature=args.temperature,
+        prompts_jsonl=args.prompts_jsonl, seed=args.seed, ttft_slo_ms=args.ttft_slo_ms,
+        tpot_slo_ms=args.tpot_slo_ms, timeout=args.timeout, label=args.label,
+    )
+    try:
+        run = asyncio.run(run_bench(cfg, log=lambda msg: print(msg, file=sys.stderr)))
+    except BenchError as e:
+        print(f"llamaserve: error: {e}", file=sys.stderr)
+        return 1
+    metrics = [report.summarize(level, cfg.ttft_slo_ms, cfg.tpot_slo_ms) for level in run.levels]
+    print(f"{report.label_of(run)}: {run.model} at {run.url}, {cfg.num_prompts} requests a level, "
+          f"max_tokens {cfg.max_tokens}{', ignore_eos' if cfg.ignore_eos else ''}")
+    print(report.format_table(metrics))
+    if errors := report.format_errors(metrics):
+        print(f"failures:\n{errors}", file=sys.stderr)
+    if args.json_out:
+        report.write_json(args.json_out, report.result_dict(run, metrics))
+    if args.plot_out:
+        report.plot_results([(report.label_of(run), metrics)], args.plot_out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -110,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "info":
             return cmd_info(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         from llamaserve.server.serve import serve
 
         return serve(args, engine_config(args))

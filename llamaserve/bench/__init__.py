@@ -1,0 +1,1 @@
+"""`llamaserve bench`: a load generator and report for any OpenAI-compatible server."""

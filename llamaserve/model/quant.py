@@ -1,0 +1,93 @@
+"""Weight-only int4 linear layers: GGUF Q4_0 / Q4_1 blocks stay 4-bit in memory (group size 32)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from torch import nn
+
+GROUP = 32
+INT4_TYPES = frozenset({QT.Q4_0, QT.Q4_1})
+
+
+@dataclass(slots=True)
+class Q4Weight:
+    """A 4-bit weight as the kernel wants it: w[n, k] = (q[n, k] - 8) * scale[n, g] + zero[n, g]."""
+
+    q: torch.Tensor  # [N, K] uint8, values 0..15
+    scale: torch.Tensor  # [N, K / 32] float32
+    zero: torch.Tensor  # [N, K / 32] float32
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)  # type: ignore[return-value]
+
+    def dequantize(self) -> torch.Tensor:
+        groups = (self.q.float().view(self.q.shape[0], -1, GROUP) - 8) * self.scale[..., None]
+        return (groups + self.zero[..., None]).view(self.q.shape)
+
+    def permute_rows(self, fn) -> Q4Weight:  # noqa: ANN001 (a row permutation such as unpermute_qk)
+        return Q4Weight(fn(self.q), fn(self.scale), fn(self.zero))
+
+
+def q4_from_blocks(raw: np.ndarray, qtype: QT, rows: int, cols: int) -> Q4Weight:
+    """Split raw GGUF Q4_0 / Q4_1 blocks into 4-bit values and per-group scale and zero (exact)."""
+    blocks = np.ascontiguousarray(raw).view(np.uint8).reshape(rows * cols // GROUP, -1)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [blocks, 1]
+    if qtype == QT.Q4_1:
+        m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        packed = blocks[:, 4:]
+        zero = m + 8 * d  # w = d * q + m  ==  (q - 8) * d + (m + 8 d)
+    else:
+        packed = blocks[:, 2:]
+        zero = np.zeros_like(d)  # w = d * (q - 8)
+    # Low nibbles hold elements 0..15 of a block, high nibbles 16..31.
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=1)  # [blocks, 32]
+    return Q4Weight(
+        torch.from_numpy(q.reshape(rows, cols)),
+        torch.from_numpy(d.reshape(rows, cols // GROUP)),
+        torch.from_numpy(zero.reshape(rows, cols // GROUP)),
+    )
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T with W kept as packed int4 (CPU kernel `_weight_int4pack_mm_for_cpu`)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        if in_features % GROUP:
+            raise ValueError(f"int4 weights need in_features divisible by {GROUP}, got {in_features}")
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self._pending = Q4Weight(
+            torch.zeros(out_features, in_features, dtype=torch.uint8),
+            torch.zeros(out_features, in_features // GROUP), torch.zeros(out_features, in_features // GROUP),
+        )
+        self._rows_loaded = 0
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
+        self.register_buffer("scales_zeros", torch.empty(0, dtype=dtype), persistent=False)
+
+    def load_rows(self, start: int, w: Q4Weight) -> None:
+        """Stage rows [start, start + n); once every row is in, pack and drop the staging copy."""
+        end = start + w.q.shape[0]
+        self._pending.q[start:end] = w.q
+        self._pending.scale[start:end] = w.scale
+        self._pending.zero[start:end] = w.zero
+        self._rows_loaded += end - start
+        if self._rows_loaded == self.out_features:
+            p = self._pending
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(p.q.to(torch.int32), 8)
+            sz = torch.stack([p.scale, p.zero], dim=-1).transpose(0, 1)  # [K / 32, N, 2]
+            self.scales_zeros = sz.contiguous().to(self.dtype)
+            self._pending = None  # type: ignore[assignment]
+
+    @property
+    def loaded(self) -> bool:
+        return self._pending is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.dtype)
+        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
