@@ -19,6 +19,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-template", default=None, metavar="FILE", help="Jinja chat template to use")
     p.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+    p.add_argument("--quantization", default=d.quantization,
+                   help="none | int4 (keep GGUF Q4_0/Q4_1 weights 4-bit: less memory, faster CPU decode)")
     p.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory, help="GB for the KV cache")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="cap on running sequences")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
@@ -31,7 +33,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len, dtype=args.dtype,
-        device=args.device,
+        device=args.device, quantization=args.quantization,
     )
 
 

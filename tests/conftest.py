@@ -23,6 +23,18 @@ def hf_tokenizer(smollm_path: Path):
     return AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (opt in with pytest.mark.usefixtures): on a busy 2-core machine two
+    OpenMP threads wait a scheduler slice for each other at every small matmul, costing 2-6x CPU time."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):  # noqa: D103
     import torch
 

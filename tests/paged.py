@@ -57,12 +57,10 @@ def step(
     return list(logits.split(sizes))
 
 
-def forward_logits(net: Transformer, ids: list[int], chunks: list[int] | None = None) -> torch.Tensor:
-    """Logits [T, vocab] of one sequence, computed in chunks of the given sizes (default: one)."""
+def forward_logits(net: Transformer, ids: list[int]) -> torch.Tensor:
+    """Logits [T, vocab] of one sequence, prefilled in one step into shuffled cache blocks."""
     cache, (seq,) = new_seqs(net, [ids])
-    sizes = chunks or [len(ids)]
-    assert sum(sizes) == len(ids)
-    return torch.cat([step(net, cache, [(seq, n)])[0] for n in sizes])
+    return step(net, cache, [(seq, len(ids))])[0]
 
 
 def greedy(net: Transformer, prompts: list[list[int]], n: int, block_size: int = 16) -> list[list[int]]:

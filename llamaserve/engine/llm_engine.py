@@ -49,7 +49,8 @@ class LLMEngine:
         from llamaserve.loader.tokenizer import load_tokenizer
         from llamaserve.loader.weights import load_model
 
-        net, source = load_model(model, config.dtype, default_device(config.device), progress=progress)
+        net, source = load_model(model, config.dtype, default_device(config.device), progress=progress,
+                                 quantization=config.quantization)
         tokenizer = load_tokenizer(source.path, Path(chat_template) if chat_template else None, source.metadata)
         engine = cls(net, tokenizer, config)
         engine.source = source

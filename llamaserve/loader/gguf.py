@@ -15,6 +15,7 @@ from gguf.quants import dequantize
 from llamaserve.config import ModelConfig, RopeScaling
 from llamaserve.loader.errors import ModelLoadError
 from llamaserve.loader.names import gguf_to_hf, unpermute_qk
+from llamaserve.model.quant import Q4Weight, q4_from_blocks
 
 SUPPORTED_TYPES = frozenset(
     {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
@@ -119,8 +120,13 @@ def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
     return dequantize(data, t.tensor_type).reshape(shape)
 
 
-def iter_tensors(reader: GGUFReader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Hugging Face name, float32 tensor in HF layout) one tensor at a time."""
+def iter_tensors(
+    reader: GGUFReader, cfg: ModelConfig, keep_int4: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor | Q4Weight]]:
+    """Yield (Hugging Face name, float32 tensor in HF layout) one tensor at a time.
+
+    Tensors named in keep_int4 (GGUF names, of type Q4_0/Q4_1) come as 4-bit Q4Weight instead.
+    """
     check_tensor_types(reader)
     for t in reader.tensors:
         if t.name == "rope_freqs.weight":  # Llama 3 RoPE factors, kept under their own name
@@ -130,14 +136,19 @@ def iter_tensors(reader: GGUFReader, cfg: ModelConfig) -> Iterator[tuple[str, to
         if name is None:
             raise ModelLoadError(f"unexpected tensor {t.name!r} in a llama GGUF file")
         try:
-            array = dequantize_tensor(t)
-            if not (array.flags.writeable and array.flags.c_contiguous):  # a view of the memory map
-                array = np.array(array, copy=True)
-            value = torch.from_numpy(array)
+            value: torch.Tensor | Q4Weight
+            if t.name in keep_int4:
+                rows, cols = (int(d) for d in reversed(t.shape))
+                value = q4_from_blocks(np.asarray(t.data), t.tensor_type, rows, cols)
+            else:
+                array = dequantize_tensor(t)
+                if not (array.flags.writeable and array.flags.c_contiguous):  # a view of the memory map
+                    array = np.array(array, copy=True)
+                value = torch.from_numpy(array)
         except (ValueError, IndexError) as e:
             raise ModelLoadError(f"tensor {t.name} is truncated or corrupt: {e}") from e
-        if name.endswith("q_proj.weight"):
-            value = unpermute_qk(value, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            value = unpermute_qk(value, cfg.num_key_value_heads)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if name.endswith("q_proj.weight") else cfg.num_key_value_heads
+            value = (value.permute_rows(lambda w: unpermute_qk(w, heads)) if isinstance(value, Q4Weight)
+                     else unpermute_qk(value, heads))
         yield name, value

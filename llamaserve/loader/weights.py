@@ -16,9 +16,10 @@ from llamaserve.config import ModelConfig
 from llamaserve.loader import gguf as gguf_loader
 from llamaserve.loader import safetensors as st_loader
 from llamaserve.loader.errors import ModelLoadError
-from llamaserve.loader.names import IGNORED, fused_rows, hf_to_ours
+from llamaserve.loader.names import IGNORED, fused_rows, gguf_to_hf, hf_to_ours
 from llamaserve.loader.registry import ModelNotFoundError, resolve_model
 from llamaserve.model.llama import Transformer, rope_inv_freq
+from llamaserve.model.quant import INT4_TYPES, Int4Linear, Q4Weight
 
 
 @dataclass(slots=True)
@@ -62,10 +63,33 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.d
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def _tensors(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(source: ModelSource, keep_int4: frozenset[str]) -> Iterator[tuple[str, torch.Tensor | Q4Weight]]:
     if source.kind == "hf":
         return st_loader.iter_tensors(source.path)
-    return gguf_loader.iter_tensors(source.reader, source.config)
+    return gguf_loader.iter_tensors(source.reader, source.config, keep_int4)
+
+
+def _int4_plan(source: ModelSource) -> tuple[set[str], frozenset[str]]:
+    """Linear modules whose every source tensor is Q4_0/Q4_1, and those GGUF tensors' names."""
+    if source.kind != "gguf":
+        return set(), frozenset()
+    by_module: dict[str, list] = {}
+    for t in source.reader.tensors:
+        hf = gguf_to_hf(t.name)
+        target = hf_to_ours(hf) if hf else None
+        if target is None or target[0] == "tok_embeddings.weight":
+            continue
+        by_module.setdefault(target[0].removesuffix(".weight"), []).append(t)
+    modules = {m for m, ts in by_module.items() if all(t.tensor_type in INT4_TYPES for t in ts)}
+    return modules, frozenset(t.name for m in modules for t in by_module[m])
+
+
+def _use_int4(net: Transformer, modules: set[str], dtype: torch.dtype) -> None:
+    for name in modules:
+        parent, _, child = name.rpartition(".")
+        old = net.get_submodule(name)
+        setattr(net.get_submodule(parent) if parent else net, child,
+                Int4Linear(old.in_features, old.out_features, dtype))
 
 
 def _num_tensors(source: ModelSource) -> int:
@@ -82,10 +106,15 @@ def _copy_into(model: Transformer, params: dict, name: str, value: torch.Tensor,
             return
         raise ModelLoadError(f"unexpected tensor {name!r} in a llama checkpoint")
     param_name, piece = target
-    dest = params[param_name]
-    if piece is not None:
-        start, end = fused_rows(model.config, param_name, piece)
-        dest = dest[start:end]
+    start, end = fused_rows(model.config, param_name, piece) if piece is not None else (0, None)
+    module = model.get_submodule(param_name.removesuffix(".weight"))
+    if isinstance(module, Int4Linear) and isinstance(value, Q4Weight):
+        module.load_rows(start, value)
+        seen.add((param_name, piece))
+        return
+    if isinstance(value, Q4Weight):
+        value = value.dequantize()
+    dest = params[param_name][start:end]
     if tuple(dest.shape) != tuple(value.shape):
         raise ModelLoadError(f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(dest.shape)}")
     with torch.no_grad():
@@ -94,15 +123,24 @@ def _copy_into(model: Transformer, params: dict, name: str, value: torch.Tensor,
 
 
 def load_model(
-    model: str | None, dtype: str = "auto", device: str = "cpu", progress: bool = False
+    model: str | None, dtype: str = "auto", device: str = "cpu", progress: bool = False,
+    quantization: str = "none",
 ) -> tuple[Transformer, ModelSource]:
-    """Load weights one tensor at a time: peak memory stays near the final model size."""
+    """Load weights one tensor at a time: peak memory stays near the final model size.
+
+    quantization "int4" keeps GGUF Q4_0/Q4_1 linear weights 4-bit in memory (CPU; bfloat16 activations).
+    """
     source = inspect_model(model)
     cfg = source.config
     dev = torch.device(device)
-    torch_dtype = resolve_dtype(dtype, cfg, dev)
+    if quantization == "int4" and dev.type != "cpu":
+        raise ModelLoadError("int4 weights run on the CPU only; use --quantization none on CUDA")
+    torch_dtype = torch.bfloat16 if quantization == "int4" and dtype == "auto" else \
+        resolve_dtype(dtype, cfg, dev)
+    int4_modules, keep_int4 = _int4_plan(source) if quantization == "int4" else (set(), frozenset())
     with torch.device("meta"):
         net = Transformer(cfg)
+    _use_int4(net, int4_modules, torch_dtype)
     net = net.to_empty(device=dev).to(torch_dtype)
     # to_empty left the RoPE table uninitialised: compute it again.
     net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(dev)
@@ -110,11 +148,14 @@ def load_model(
     seen: set = set()
     start = time.perf_counter()
     bar = tqdm(total=_num_tensors(source), desc=f"loading {source.path.name}", unit=" tensors", disable=not progress)
-    for name, value in _tensors(source):
+    for name, value in _tensors(source, keep_int4):
         _copy_into(net, params, name, value, seen)
         bar.update(1)
     bar.close()
     _check_complete(net, seen)
+    unfinished = [n for n, m in net.named_modules() if isinstance(m, Int4Linear) and not m.loaded]
+    if unfinished:
+        raise ModelLoadError(f"int4 weights incomplete for {', '.join(unfinished[:3])}")
     net.tie_weights()
     net.eval()
     net.load_seconds = time.perf_counter() - start  # type: ignore[assignment]

@@ -61,10 +61,7 @@ class Int4Linear(nn.Module):
         if in_features % GROUP:
             raise ValueError(f"int4 weights need in_features divisible by {GROUP}, got {in_features}")
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
-        self._pending = Q4Weight(
-            torch.zeros(out_features, in_features, dtype=torch.uint8),
-            torch.zeros(out_features, in_features // GROUP), torch.zeros(out_features, in_features // GROUP),
-        )
+        self._pending: Q4Weight | None = None  # staging for the rows loaded so far (allocated on first use)
         self._rows_loaded = 0
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
         self.register_buffer("scales_zeros", torch.empty(0, dtype=dtype), persistent=False)
@@ -72,6 +69,10 @@ class Int4Linear(nn.Module):
     def load_rows(self, start: int, w: Q4Weight) -> None:
         """Stage rows [start, start + n); once every row is in, pack and drop the staging copy."""
         end = start + w.q.shape[0]
+        if self._pending is None:
+            n, k = self.out_features, self.in_features
+            self._pending = Q4Weight(torch.zeros(n, k, dtype=torch.uint8), torch.zeros(n, k // GROUP),
+                                     torch.zeros(n, k // GROUP))
         self._pending.q[start:end] = w.q
         self._pending.scale[start:end] = w.scale
         self._pending.zero[start:end] = w.zero
@@ -81,11 +82,11 @@ class Int4Linear(nn.Module):
             self.packed = torch._convert_weight_to_int4pack_for_cpu(p.q.to(torch.int32), 8)
             sz = torch.stack([p.scale, p.zero], dim=-1).transpose(0, 1)  # [K / 32, N, 2]
             self.scales_zeros = sz.contiguous().to(self.dtype)
-            self._pending = None  # type: ignore[assignment]
+            self._pending = None
 
     @property
     def loaded(self) -> bool:
-        return self._pending is None
+        return self.packed.numel() > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.dtype)
