@@ -156,6 +156,7 @@ def load_model(
     unfinished = [n for n, m in net.named_modules() if isinstance(m, Int4Linear) and not m.loaded]
     if unfinished:
         raise ModelLoadError(f"int4 weights incomplete for {', '.join(unfinished[:3])}")
+    source.reader = None  # close the memory map: its pages would otherwise stay in our RSS
     net.tie_weights()
     net.eval()
     net.load_seconds = time.perf_counter() - start  # type: ignore[assignment]

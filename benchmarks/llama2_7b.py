@@ -1,0 +1,279 @@
+"""Llama 2 7B-shaped random GGUF files; load time, memory and tok/s of our engine (or of llama-server).
+
+Usage:
+  .venv/bin/python benchmarks/llama2_7b.py --out /tmp/l2.gguf --qtype Q4_0 [--layers 32] [--measure]
+      [--llama-server BIN] [--reuse]
+
+The file has Llama 2 7B's metadata, shapes and (synthetic) SentencePiece vocabulary; its quantized blocks are
+random bytes with small fp16 scales, written tensor by tensor, so the writer's memory stays near one tensor.
+As in llama.cpp's own files, token_embd has the linears' type and output is Q6_K (--output-qtype).
+Measurements live in llama2_7b_measure.py, next to this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import string
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+QTYPES = {"Q4_0": QT.Q4_0, "Q8_0": QT.Q8_0, "Q4_K": QT.Q4_K}
+OUTPUT_QTYPES = {**QTYPES, "Q6_K": QT.Q6_K}
+FILE_TYPES = {
+    QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_S,
+}
+WEIGHT_STD = 0.01  # std of every random matrix's values: activations stay O(1) at 7B widths
+# The integer part's std in each format: Q4_0 q - 8 over 0..15, Q8_0 q over int8, Q6_K q - 32 over 0..63.
+Q4_STD, Q8_STD, Q6_STD = 4.61, 73.9, 18.5
+SENTENCE = "The quick brown fox jumps over the lazy dog, and then it was 42 years later."
+WORDS = (
+    "the of and to a in is that for it as was with be by on not he this are or his from at which but "
+    "have an they you were her she there one all we their quick brown fox jumps over lazy dog then years "
+    "later write story about ocean robot autumn lighthouse mountains city night coffee moon library trains "
+    "garden winter music desert friendship rain"
+).split()
+
+
+# -- the synthetic tokenizer -------------------------------------------------------------------------
+def synthetic_vocab(vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style llama vocabulary: tokens, scores, types (1 normal, 2 unk, 3 control, 6 byte).
+
+    Every piece minus its last character is a piece too, so the merges derived from it reach every piece.
+    """
+    head = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    chars = "\u2581" + string.ascii_letters + string.digits + ".,!?'-:;()"
+    words = ["\u2581" + w[:i] for w in WORDS for i in range(1, len(w) + 1)]
+    if vocab < len(head) + len(chars):
+        raise ValueError(
+            f"vocab must be >= {len(head) + len(chars)} (specials, bytes, characters), got {vocab}"
+        )
+    pieces = list(dict.fromkeys([*chars, *words, "\u2581w"]))
+    pieces += [f"\u2581w{n}" for n in range(max(0, vocab - len(head) - len(pieces)))]  # "▁w1", "▁w12"...
+    tokens = head + pieces[: vocab - len(head)]
+    scores = [0.0] * len(head) + [-float(i) for i in range(vocab - len(head))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (vocab - len(head))
+    return tokens, scores, types
+
+
+def add_metadata(
+    w: gguf.GGUFWriter, qtype: QT, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int
+) -> None:
+    """Llama 2 7B's keys as llama.cpp's converter writes them (context 4096, RoPE base 1e4, eps 1e-5)."""
+    w.add_name(f"llama-2-7b-shaped random {qtype.name}")
+    w.add_file_type(FILE_TYPES[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(4096)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    tokens, scores, types = synthetic_vocab(vocab)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+
+# -- random tensors ------------------------------------------------------------------------------------
+def tensor_plan(
+    layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int, qtype: QT, output_qtype: QT
+) -> list[tuple[str, tuple[int, ...], QT]]:
+    """(GGUF name, numpy shape [rows, cols] or [n], type) in llama.cpp's order."""
+    kv = hidden // heads * kv_heads
+    plan: list[tuple[str, tuple[int, ...], QT]] = [("token_embd.weight", (vocab, hidden), qtype)]
+    for i in range(layers):
+        b = f"blk.{i}."
+        plan += [
+            (b + "attn_norm.weight", (hidden,), QT.F32),
+            (b + "attn_q.weight", (hidden, hidden), qtype),
+            (b + "attn_k.weight", (kv, hidden), qtype),
+            (b + "attn_v.weight", (kv, hidden), qtype),
+            (b + "attn_output.weight", (hidden, hidden), qtype),
+            (b + "ffn_norm.weight", (hidden,), QT.F32),
+            (b + "ffn_gate.weight", (ffn, hidden), qtype),
+            (b + "ffn_up.weight", (ffn, hidden), qtype),
+            (b + "ffn_down.weight", (hidden, ffn), qtype),
+        ]
+    return plan + [
+        ("output_norm.weight", (hidden,), QT.F32),
+        ("output.weight", (vocab, hidden), output_qtype),
+    ]
+
+
+def random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: QT) -> np.ndarray:
+    """Random quantized bytes [rows, row bytes] with valid fp16 scales; the values' std is ~WEIGHT_STD."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if cols % block:
+        raise ValueError(f"{qtype.name} needs rows of a multiple of {block} values, got {cols}")
+    n = rows * cols // block
+    raw = rng.bit_generator.random_raw(-(-n * size // 8)).view(np.uint8)[: n * size].reshape(n, size)
+    jitter = rng.uniform(0.5, 1.5, n)  # per-block scale spread
+
+    def put_f16(offset: int, values: np.ndarray) -> None:
+        raw[:, offset : offset + 2] = values.astype(np.float16).view(np.uint8).reshape(n, 2)
+
+    if qtype == QT.Q4_0:  # d, 16 bytes of nibbles; w = d (q - 8)
+        put_f16(0, jitter * WEIGHT_STD / Q4_STD)
+    elif qtype == QT.Q8_0:  # d, 32 int8; w = d q
+        put_f16(0, jitter * WEIGHT_STD / Q8_STD)
+    elif qtype == QT.Q4_K:  # d, dmin, 12 bytes of 6-bit (scale, min) for 8 sub-blocks, 128 bytes of nibbles
+        # w = d sc q - dmin m; sc = m = k < 16 and dmin = 8 d (exact in fp16) make it d k (q - 8).
+        k = rng.integers(8, 16, (n, 8), dtype=np.uint8)  # rms ~11.7
+        raw[:, 4:8], raw[:, 8:12], raw[:, 12:16] = k[:, :4], k[:, :4], k[:, 4:] | (k[:, 4:] << 4)
+        d = (jitter * WEIGHT_STD / (Q4_STD * 11.7)).astype(np.float16)
+        put_f16(0, d)
+        put_f16(2, d * np.float16(8))
+    elif qtype == QT.Q6_K:  # 128 bytes low nibbles, 64 bytes high bits, 16 int8 scales, d; w = d sc (q - 32)
+        raw[:, 192:208] = rng.integers(1, 5, (n, 16), dtype=np.uint8)  # rms ~2.74
+        put_f16(208, jitter * WEIGHT_STD / (Q6_STD * 2.74))
+    else:
+        raise ValueError(f"cannot write random {qtype.name} blocks (Q4_0, Q8_0, Q4_K, Q6_K)")
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(
+    path: Path,
+    qtype: QT,
+    layers: int = 32,
+    *,
+    hidden: int = 4096,
+    ffn: int = 11008,
+    heads: int = 32,
+    kv_heads: int | None = None,
+    vocab: int = 32000,
+    output_qtype: QT = QT.Q6_K,
+    seed: int = 0,
+    progress: bool = False,
+) -> Path:
+    """Write a random Llama GGUF (Llama 2 7B's shapes by default), one tensor in memory at a time."""
+    kv_heads = kv_heads or heads
+    plan = tensor_plan(layers, hidden, ffn, heads, kv_heads, vocab, qtype, output_qtype)
+    w = gguf.GGUFWriter(str(path), "llama")
+    add_metadata(w, qtype, layers, hidden, ffn, heads, kv_heads, vocab)
+    for name, shape, kind in plan:  # infos first (the header lists every tensor), data streamed below
+        if kind == QT.F32:
+            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * shape[0])
+        else:
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            row_bytes = shape[1] // block * size
+            w.add_tensor_info(name, (shape[0], row_bytes), np.dtype(np.uint8), shape[0] * row_bytes, kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    for i, (name, shape, kind) in enumerate(plan):
+        if kind == QT.F32:
+            data = rng.uniform(0.8, 1.2, shape).astype(np.float32)  # RMSNorm weights
+        else:
+            data = random_blocks(rng, shape[0], shape[1], kind)
+        w.write_tensor_data(data)
+        if progress and (name.endswith("ffn_down.weight") or i == len(plan) - 1):
+            print(f"  wrote {name} ({path.stat().st_size / 1e9:.2f} GB so far)", flush=True)
+    w.close()
+    return path
+
+
+def check_tokenizer(path: Path) -> list[int]:
+    """Load the file's tokenizer as the server does (transformers' GGUF conversion); encode and decode."""
+    from llamaserve.loader.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    ids = tok.encode(SENTENCE)
+    if ids[0] != 1 or tok.decode(ids) != SENTENCE or tok.eos_token_ids != [2]:
+        raise RuntimeError(
+            f"tokenizer round trip failed: {ids} -> {tok.decode(ids)!r}, eos {tok.eos_token_ids}"
+        )
+    return ids
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+def write_and_check(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    output_qtype = OUTPUT_QTYPES[args.output_qtype]
+    write_gguf(
+        args.out, QTYPES[args.qtype], args.layers, output_qtype=output_qtype, seed=args.seed, progress=True
+    )
+    seconds, size = time.perf_counter() - start, args.out.stat().st_size / 1e9
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+    print(f"wrote {args.out}: {size:.2f} GB in {seconds:.1f} s ({size / seconds:.2f} GB/s)")
+    print(f"writer peak RSS {peak:.2f} GB")
+    start = time.perf_counter()
+    ids = check_tokenizer(args.out)
+    print(f"tokenizer ok in {time.perf_counter() - start:.1f} s: {SENTENCE!r} -> {len(ids)} tokens")
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Measure the file as it is (with --reuse, --qtype and --layers may not describe it: read them)."""
+    import llama2_7b_measure as m  # the sibling file (this script's folder is sys.path[0])
+
+    from llamaserve.loader.weights import inspect_model
+
+    source = inspect_model(str(args.out))
+    qtype, layers = source.tensor_types.most_common(1)[0][0], source.config.num_hidden_layers
+    del source  # its reader maps the file
+    results = []
+    if args.measure:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        quantization = "int4" if qtype in ("Q4_0", "Q4_1") else "none"
+        results.append(m.measure_engine(args.out, quantization, args.streams, args.max_tokens))
+    if args.llama_server:
+        results.append(
+            m.measure_llama_server(args.llama_server, args.out, args.threads, args.streams, args.max_tokens)
+        )
+    label = f"{qtype}, {layers} layers, {args.out.stat().st_size / 1e9:.2f} GB"
+    print(m.HEADER.format(n=args.streams))
+    for r in results:
+        print(m.table_row(r, label, args.streams))
+    report = {"file": str(args.out), "qtype": qtype, "layers": layers, "threads": args.threads}
+    print(json.dumps({**report, "cpus": os.cpu_count(), "results": results}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="the GGUF file to write (and measure)")
+    ap.add_argument("--qtype", choices=sorted(QTYPES), default="Q4_0", help="linears and token_embd")
+    ap.add_argument("--output-qtype", choices=sorted(OUTPUT_QTYPES), default="Q6_K", help="output.weight")
+    ap.add_argument("--layers", type=int, default=32, help="fewer for quick runs (7B widths regardless)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", action="store_true", help="measure an existing --out file instead of writing")
+    ap.add_argument("--measure", action="store_true", help="load the file with our engine and time it")
+    ap.add_argument("--llama-server", metavar="BIN", help="also measure this llama-server binary on the file")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, and llama-server -t")
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    args = ap.parse_args()
+    if args.layers < 1:
+        ap.error("--layers must be >= 1")
+    if args.reuse and not args.out.is_file():
+        ap.error(f"--reuse: {args.out} does not exist")
+    if args.reuse and not (args.measure or args.llama_server):
+        ap.error("--reuse skips writing: add --measure and/or --llama-server")
+    if not args.reuse:
+        write_and_check(args)
+    if args.measure or args.llama_server:
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Load time, memory and tok/s of our engine, or of llama-server, on one GGUF file (used by llama2_7b.py).
+
+Both are measured the same way: greedy, ignore_eos, max_tokens each; one stream, then N streams at once.
+tok/s counts from submission to the last token (prefill included); decode tok/s from the moment every stream
+has its first token. Memory is the process's peak (VmHWM) and current RSS, split into anonymous memory and
+file-backed pages (weights read through a memory map count there, and the kernel may drop them).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import socket
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+TOPICS = (
+    "the ocean, a robot, autumn, a lighthouse, mountains, a city at night, coffee, the moon, a library, "
+    "trains, a garden, winter, music, a desert, friendship, rain"
+).split(", ")
+
+
+def prompt_texts(streams: int) -> list[str]:
+    return [f"Write a story about {TOPICS[i % len(TOPICS)]}." for i in range(streams)]
+
+
+# -- measurements ------------------------------------------------------------------------------------
+def memory_gb(pid: int | str = "self") -> dict[str, float]:
+    """Peak (VmHWM) and current resident memory, anonymous and file-backed (mmap'd weights), in GB."""
+    status = Path(f"/proc/{pid}/status")
+    if status.is_file():
+        fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        keys = {"VmHWM": "peak_rss_gb", "VmRSS": "rss_gb", "RssAnon": "rss_anon_gb", "RssFile": "rss_file_gb"}
+        return {ours: int(fields[k].split()[0]) / 1e6 for k, ours in keys.items()}
+    import psutil  # not Linux: current RSS only
+
+    return {"rss_gb": psutil.Process(None if pid == "self" else int(pid)).memory_info().rss / 1e9}
+
+
+def rates(start: float, firsts: list[float], ends: list[float], tokens: int) -> dict[str, float]:
+    """tok/s from submission to the last token, and decode tok/s once every stream has its first token."""
+    end, all_started = max(ends), max(firsts)
+    decode = (tokens - len(firsts)) / (end - all_started) if end > all_started else float("nan")
+    return {
+        "tok_s": round(tokens / (end - start), 2),
+        "decode_tok_s": round(decode, 2),
+        "ttft_s": round(max(firsts) - start, 3),
+        "tokens": tokens,
+    }
+
+
+def engine_run(engine: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+    """Greedy, ignore_eos; timestamps of each request's first and last token, read off engine.step()."""
+    from llamaserve.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [f"bench-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+    start = time.perf_counter()
+    for rid, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(rid, prompt, copy.deepcopy(params))
+    firsts: dict[str, float] = {}
+    ends: dict[str, float] = {}
+    tokens = 0
+    while engine.has_unfinished:
+        for out in engine.step():
+            now = time.perf_counter()
+            tokens += sum(len(c.token_ids) for c in out.outputs)
+            firsts.setdefault(out.request_id, now)
+            ends[out.request_id] = now
+    return rates(start, list(firsts.values()), list(ends.values()), tokens)
+
+
+def measure_engine(path: Path, quantization: str, streams: int, max_tokens: int) -> dict[str, Any]:
+    """Our engine in this process: bfloat16 on the CPU, a 1 GB KV cache, up to `streams` sequences."""
+    from llamaserve.config import EngineConfig
+    from llamaserve.engine.llm_engine import LLMEngine
+
+    config = EngineConfig(
+        quantization=quantization, dtype="bfloat16", device="cpu", kv_cache_memory=1.0, max_num_seqs=streams
+    )
+    start = time.perf_counter()
+    engine = LLMEngine.from_model(str(path), config)
+    result: dict[str, Any] = {
+        "engine": f"llamaserve ({quantization}, bfloat16)",
+        "load_s": round(time.perf_counter() - start, 2),  # weights, tokenizer (cached) and KV cache
+        "weights_load_s": round(engine.runner.model.load_seconds, 2),
+        "after_load": memory_gb(),
+    }
+    prompts = [engine.tokenizer.encode(text) for text in prompt_texts(streams)]
+    engine_run(engine, prompts[:1], 2)  # warm-up
+    result["one_stream"] = engine_run(engine, prompts[:1], max_tokens)
+    result[f"{streams}_streams"] = engine_run(engine, prompts, max_tokens)
+    result["after_generate"] = memory_gb()
+    result["ru_maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+    return result
+
+
+# -- llama-server (the reference), over its OpenAI endpoint -------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llama_server(binary: str, path: Path, threads: int, streams: int, log: Path) -> tuple[Any, str]:
+    """Start llama-server on the file and wait until /health says the model is loaded."""
+    import httpx
+
+    port = free_port()
+    flags = f"--host 127.0.0.1 --port {port} -c 4096 -np {streams} -t {threads}".split()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([binary, "-m", str(path), *flags], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"llama-server did not become healthy in 600 s:\n{log.read_text()[-3000:]}")
+
+
+def stream_completion(client: Any, url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """(first token time, last token time, tokens) of one streamed /v1/completions request."""
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "n_predict": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream": True,
+    }
+    first, last, chunks, counted = 0.0, 0.0, 0, None
+    with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            # A chunk's text can be empty (an unfinished UTF-8 character): prefer the server's own count.
+            if event.get("usage"):
+                counted = event["usage"]["completion_tokens"]
+            elif event.get("timings", {}).get("predicted_n"):
+                counted = event["timings"]["predicted_n"]
+            if event.get("choices") and event["choices"][0].get("text"):
+                last = time.perf_counter()
+                first = first or last
+                chunks += 1
+    if not chunks:
+        raise RuntimeError(f"llama-server streamed no text for {prompt!r}")
+    return first, last, counted or chunks
+
+
+def server_run(client: Any, url: str, prompts: list[str], max_tokens: int) -> dict[str, float]:
+    """All prompts at once, one thread each (llama-server's -np slots decode them as one batch)."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        done = list(pool.map(lambda p: stream_completion(client, url, p, max_tokens), prompts))
+    return rates(start, [d[0] for d in done], [d[1] for d in done], sum(d[2] for d in done))
+
+
+def measure_llama_server(
+    binary: str, path: Path, threads: int, streams: int, max_tokens: int
+) -> dict[str, Any]:
+    """llama-server as a child process; its load time is start to a healthy /health."""
+    import httpx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        proc, url = start_llama_server(binary, path, threads, streams, Path(tmp) / "llama-server.log")
+        try:
+            result: dict[str, Any] = {
+                "engine": "llama-server",
+                "load_s": round(time.perf_counter() - start, 2),
+                "after_load": memory_gb(proc.pid),
+            }
+            prompts = prompt_texts(streams)
+            with httpx.Client(limits=httpx.Limits(max_connections=2 * streams)) as client:
+                server_run(client, url, prompts[:1], 2)  # warm-up
+                result["one_stream"] = server_run(client, url, prompts[:1], max_tokens)
+                result[f"{streams}_streams"] = server_run(client, url, prompts, max_tokens)
+            result["after_generate"] = memory_gb(proc.pid)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return result
+
+
+# -- report ------------------------------------------------------------------------------------------
+HEADER = (
+    "| engine | file | load s | RSS after load GB (anon + file) | peak RSS GB | 1 stream tok/s (decode) "
+    "| {n} streams tok/s (decode) |\n|---|---|---|---|---|---|---|"
+)
+
+
+def table_row(r: dict[str, Any], file_label: str, streams: int) -> str:
+    load, end = r["after_load"], r["after_generate"]
+    mem = f"{load['rss_gb']:.2f}"
+    if "rss_anon_gb" in load:
+        mem += f" ({load['rss_anon_gb']:.2f} + {load['rss_file_gb']:.2f})"
+    peak = end.get("peak_rss_gb", end["rss_gb"])
+    one, many = r["one_stream"], r[f"{streams}_streams"]
+    return (
+        f"| {r['engine']} | {file_label} | {r['load_s']} | {mem} | {peak:.2f} "
+        f"| {one['tok_s']} ({one['decode_tok_s']}) | {many['tok_s']} ({many['decode_tok_s']}) |"
+    )

@@ -1,0 +1,149 @@
+"""benchmarks/llama2_7b.py: its random GGUF files parse, load dense and int4 alike, and tokenize."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
+
+from llamaserve.config import ModelConfig
+from llamaserve.loader.weights import inspect_model, load_model
+from llamaserve.model.quant import Int4Linear
+from tests.checkpoints import rel_err
+from tests.paged import forward_logits
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = {"hidden": 256, "ffn": 512, "heads": 4, "vocab": 512}
+IDS = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+LLAMA2_7B = ModelConfig(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    head_dim=128,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    return load_benchmark("llama2_7b")
+
+
+def test_the_7b_plan_has_llama2_7bs_parameters_and_file_size(script: ModuleType) -> None:
+    plan = script.tensor_plan(32, 4096, 11008, 32, 32, 32000, QT.Q4_0, QT.Q6_K)
+    assert sum(int(np.prod(shape)) for _, shape, _ in plan) == LLAMA2_7B.num_parameters == 6_738_415_616
+    size = sum(
+        int(np.prod(shape)) // gguf.GGML_QUANT_SIZES[k][0] * gguf.GGML_QUANT_SIZES[k][1]
+        for _, shape, k in plan
+    )
+    assert 3.82e9 < size < 3.84e9  # llama.cpp's llama-2-7b.Q4_0.gguf: 3.83 GB
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+def test_random_blocks_are_finite_with_the_intended_spread(script: ModuleType, qtype: QT) -> None:
+    raw = script.random_blocks(np.random.default_rng(0), 64, 512, qtype)
+    w = dequantize(raw, qtype)
+    assert np.isfinite(w).all()
+    assert 0.8 * script.WEIGHT_STD < w.std() < 1.2 * script.WEIGHT_STD
+
+
+def test_synthetic_vocab_is_sentencepiece_shaped(script: ModuleType) -> None:
+    tokens, scores, types = script.synthetic_vocab(32000)
+    assert len(tokens) == len(set(tokens)) == len(scores) == len(types) == 32000
+    assert tokens[:3] == ["<unk>", "<s>", "</s>"] and types[:3] == [2, 3, 3]
+    assert tokens[3:259] == [f"<0x{b:02X}>" for b in range(256)] and set(types[3:259]) == {6}
+    assert "\u2581the" in tokens and "\u2581a" in tokens
+    pieces = set(tokens[259:])
+    assert all(len(p) == 1 or p[:-1] in pieces for p in pieces)  # merges can reach every piece
+
+
+def test_the_7b_metadata_parses_to_llama2_7b(script: ModuleType, tmp_path: Path) -> None:
+    """The script's metadata with one-number placeholder tensors (the real ones are 3.8 GB)."""
+    path = tmp_path / "meta-7b.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    script.add_metadata(w, QT.Q4_0, 32, 4096, 11008, 32, 32, 32000)
+    for name in ("token_embd.weight", "output_norm.weight", "output.weight"):
+        w.add_tensor(name, np.zeros(1, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    source = inspect_model(str(path))
+    assert source.config == LLAMA2_7B
+    assert source.metadata["tokenizer.ggml.model"] == "llama"
+    assert source.metadata["tokenizer.ggml.bos_token_id"] == 1
+
+
+@pytest.mark.parametrize(
+    ("qtype", "output_qtype"),
+    [(QT.Q4_0, QT.Q6_K), (QT.Q4_0, QT.Q4_0), (QT.Q8_0, QT.Q6_K), (QT.Q4_K, QT.Q6_K)],
+    ids=lambda q: q.name,
+)
+def test_tiny_file_loads_dense_and_int4_alike(
+    script: ModuleType, tmp_path: Path, qtype: QT, output_qtype: QT
+) -> None:
+    path = script.write_gguf(tmp_path / "tiny.gguf", qtype, 2, output_qtype=output_qtype, **TINY)
+    source = inspect_model(str(path))
+    assert source.config == ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    )
+    matrices = Counter({qtype.name: 7 * 2 + 1}) + Counter({output_qtype.name: 1})  # + token_embd, output
+    assert source.tensor_types == matrices + Counter({"F32": 2 * 2 + 1})
+    exact, _ = load_model(str(path), dtype="float32")
+    dense, _ = load_model(str(path), dtype="bfloat16")
+    int4, _ = load_model(str(path), quantization="int4")
+    expected = 4 * 2 + (output_qtype == QT.Q4_0) if qtype == QT.Q4_0 else 0  # wqkv, wo, w13, w2; output
+    assert sum(isinstance(m, Int4Linear) for m in int4.modules()) == expected
+    ref = forward_logits(exact, IDS)
+    assert ref.abs().max() > 0.1  # the random weights give non-trivial logits
+    assert rel_err(forward_logits(dense, IDS), ref) < 2e-2
+    assert rel_err(forward_logits(int4, IDS), ref) < 2e-2
+
+
+def test_tokenizer_loads_through_transformers(script: ModuleType, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LLAMASERVE_CACHE", str(tmp_path / "cache"))
+    path = script.write_gguf(tmp_path / "tiny.gguf", QT.Q4_0, 1, **TINY)
+    ids = script.check_tokenizer(path)  # raises unless it round-trips with BOS 1 and EOS 2
+    assert ids[0] == 1 and max(ids) < 512
+
+
+def test_engine_measurement_counts_every_token(script: ModuleType, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LLAMASERVE_CACHE", str(tmp_path / "cache"))
+    measure = load_benchmark("llama2_7b_measure")
+    path = script.write_gguf(tmp_path / "tiny.gguf", QT.Q4_0, 2, output_qtype=QT.Q4_0, **TINY)
+    result = measure.measure_engine(path, "int4", streams=3, max_tokens=5)
+    assert result["one_stream"]["tokens"] == 5 and result["3_streams"]["tokens"] == 15
+    assert result["after_generate"]["peak_rss_gb"] >= result["after_load"]["rss_gb"] > 0
+    row = measure.table_row(result, "tiny", 3)
+    assert row.startswith("| llamaserve (int4, bfloat16) | tiny |") and row.count("|") == 8
