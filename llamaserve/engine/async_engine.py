@@ -115,15 +115,15 @@ class AsyncEngine:
     # -- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop:
-            self._apply_commands()
-            if not self.engine.has_unfinished:
-                self._update_stats(0)
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
             try:
+                self._apply_commands()
+                if not self.engine.has_unfinished:
+                    self._update_stats(0)
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
                 outputs = self.engine.step()
-            except Exception as e:  # a model or kernel failure: fail requests, never hang them
+            except Exception as e:  # a model, kernel or engine bug: fail requests, never hang them
                 log.exception("engine step failed")
                 self.error = f"engine failure: {type(e).__name__}: {e}"
                 self._deliver(self.engine.fail_all(self.error))

@@ -6,19 +6,20 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamaserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStats
 from llamaserve.server import routes
 from llamaserve.server.auth import BodyTooLarge, GuardMiddleware
+from llamaserve.server.completions import Run
 from llamaserve.server.metrics import Metrics
 from llamaserve.server.protocol import error_body
 from llamaserve.server.settings import ServerSettings
@@ -47,6 +48,7 @@ class AppState:
     model_name: str = ""
     draining: bool = False
     avg_completion_tokens: float = 128.0
+    admitted: weakref.WeakSet[Run] = field(default_factory=weakref.WeakSet)  # a run leaves when collected
 
     def stats(self) -> tuple[EngineStats, int]:
         if self.engine is None:
@@ -64,11 +66,14 @@ class AppState:
                            code="engine_failed")
         return self.engine
 
-    def admit(self) -> AsyncEngine:
+    def admit(self, run: Run) -> None:
         """Check the queue bound before a generation starts; 429 with Retry-After past it."""
         engine = self.ready_engine()
-        waiting = engine.num_waiting_requests
-        if waiting >= self.settings.max_queue:
+        # Runs admitted a moment ago may not have reached the engine yet: they wait too.
+        waiting = engine.num_waiting_requests + sum(r.unstarted for r in self.admitted)
+        # Free running slots take waiting requests at the next step: only the rest really queue.
+        free = max(0, engine.engine.config.max_num_seqs - engine.stats.num_running_requests)
+        if waiting + 1 - free > self.settings.max_queue:
             self.metrics.rejected.inc()
             rate = engine.stats.tokens_per_second
             wait = (waiting + 1) * self.avg_completion_tokens / rate if rate > 0 else 1.0
@@ -76,7 +81,7 @@ class AppState:
             raise APIError(429, f"the server is at capacity: {waiting} requests are already waiting "
                            f"(--max-queue {self.settings.max_queue}); retry after {retry} s",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": retry})
-        return engine
+        self.admitted.add(run)
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
@@ -130,36 +135,46 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, f"internal error: {type(e).__name__}", "internal_error")
 
 
-def _access_log_middleware(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def log_request(request: Request, call_next: Any) -> Response:
+class AccessLogMiddleware:
+    """One JSON line per request, written once the response's last byte has gone out (or the client left).
+
+    Plain ASGI: Starlette's BaseHTTPMiddleware would log a stream before it ends, and it hides client
+    disconnects from Request.is_disconnected().
+    """
+
+    def __init__(self, app: Any, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.monotonic()
-        response: StreamingResponse = await call_next(request)  # always streaming, from call_next
-        body = response.body_iterator
+        status = 500  # if the app fails before it starts a response
 
-        async def logged() -> AsyncIterator[str | bytes | memoryview]:
-            try:
-                async for chunk in body:
-                    yield chunk
-            finally:  # after the last chunk of a stream (or a disconnect): the run's numbers are known
-                _log_request(request, response.status_code, start)
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
 
-        response.body_iterator = logged()
-        return response
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self._log(scope, status, start)
 
-
-def _log_request(request: Request, status: int, start: float) -> None:
-    state: AppState = request.app.state.llamaserve
-    route = request.scope.get("route")
-    state.metrics.requests.labels(getattr(route, "path", "unmatched"), str(status)).inc()
-    if state.settings.log_requests and request.url.path != "/metrics":
-        info = getattr(request.state, "run_info", {})
-        access_log.info(json.dumps({
-            "id": info.get("id"), "method": request.method, "path": request.url.path,
-            "status": status, "prompt_tokens": info.get("prompt_tokens"),
-            "completion_tokens": info.get("completion_tokens"), "ttft_s": info.get("ttft"),
-            "duration_s": round(time.monotonic() - start, 4),
-        }))
+    def _log(self, scope: dict, status: int, start: float) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        self.state.metrics.requests.labels(route, str(status)).inc()
+        if self.state.settings.log_requests and scope["path"] != "/metrics":
+            info = scope.get("state", {}).get("run_info", {})  # set by the route, through request.state
+            access_log.info(json.dumps({
+                "id": info.get("id"), "method": scope["method"], "path": scope["path"],
+                "status": status, "prompt_tokens": info.get("prompt_tokens"),
+                "completion_tokens": info.get("completion_tokens"), "ttft_s": info.get("ttft"),
+                "duration_s": round(time.monotonic() - start, 4),
+            }))
 
 
 def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name: str = "") -> FastAPI:
@@ -171,7 +186,7 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name:
         attach_engine(app, engine, model_name)
     _install_error_handlers(app)
     app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes)
-    _access_log_middleware(app)  # added last, so outermost: 401s and 413s get their line too
+    app.add_middleware(AccessLogMiddleware, state=state)  # added last, so outermost: 401s and 413s too
 
     @app.get("/health")
     async def health() -> JSONResponse:

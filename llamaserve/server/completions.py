@@ -13,8 +13,10 @@ from typing import Any
 
 from starlette.requests import Request
 
+from llamaserve.engine.async_engine import EngineDeadError
 from llamaserve.engine.outputs import RequestOutput, TokenLogprob
 from llamaserve.engine.sampling_params import SamplingParams
+from llamaserve.server.protocol import error_body
 
 
 @dataclass(slots=True)
@@ -29,7 +31,7 @@ class Choice:
     stop_reason: str | int | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False, weakref_slot=True)
 class Run:
     """One HTTP request's generation: possibly several engine requests (a list of prompts)."""
 
@@ -41,6 +43,10 @@ class Run:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    unstarted: int = field(init=False)  # engine requests not handed to the engine yet
+
+    def __post_init__(self) -> None:
+        self.unstarted = len(self.prompts)
 
     @property
     def ttft(self) -> float | None:
@@ -57,6 +63,7 @@ async def stream_outputs(engine: Any, run: Run) -> AsyncIterator[tuple[int, Requ
     rid = new_id("req")
 
     async def pump(i: int, prompt: list[int]) -> None:
+        run.unstarted -= 1  # engine.generate registers the request in this same step (no await before)
         try:
             async for out in engine.generate(f"{rid}-{i}", prompt, _copy_params(run.params)):
                 await queue.put((i, out))
@@ -78,7 +85,10 @@ async def stream_outputs(engine: Any, run: Run) -> AsyncIterator[tuple[int, Requ
                 if run.first_token is None and any(c.token_ids for c in item.outputs):
                     run.first_token = time.monotonic()
                 yield i, item
+                if item.error:  # the engine failed and finished every request with this message
+                    raise EngineDeadError(item.error)
     finally:
+        run.unstarted = 0  # a pump cancelled before its first step never reaches the engine
         for t in tasks:  # a disconnect or an error cancels the rest (their engine requests abort)
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -132,6 +142,13 @@ def account(run: Run, outs: Any) -> None:
 
 def sse(payload: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def sse_error(e: Exception) -> bytes:
+    """An error in the stream itself: the 200 header has gone out already."""
+    if isinstance(e, EngineDeadError):
+        return sse(error_body(str(e), "service_unavailable", None, "engine_failed"))
+    return sse(error_body(str(e), "invalid_request_error"))
 
 
 SSE_DONE = b"data: [DONE]\n\n"

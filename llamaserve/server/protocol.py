@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llamaserve.engine.sampling_params import SamplingParams
 
@@ -12,6 +12,29 @@ from llamaserve.engine.sampling_params import SamplingParams
 class _Lenient(BaseModel):
     # Clients send fields we do not use (tools, response_format, ...): ignore them like OpenAI does.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_only(cls, data: Any) -> Any:
+        _check_text(data)
+        return data
+
+
+def _check_text(value: Any) -> None:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"); that is no text, and tokenizers reject it."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("strings must be valid Unicode: a lone surrogate (\\ud800-\\udfff) is not "
+                             "text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_text(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item)
 
 
 class StreamOptions(_Lenient):

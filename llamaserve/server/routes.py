@@ -11,10 +11,24 @@ from fastapi.responses import StreamingResponse
 
 from llamaserve.engine.outputs import TokenLogprob
 from llamaserve.server.completions import (
-    SSE_DONE, Choice, ClientDisconnected, Run, account, collect, new_id, sse, stream_outputs,
+    SSE_DONE,
+    Choice,
+    ClientDisconnected,
+    Run,
+    account,
+    collect,
+    new_id,
+    sse,
+    sse_error,
+    stream_outputs,
 )
 from llamaserve.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, PredictRequest, TokenizeRequest, usage,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    PredictRequest,
+    TokenizeRequest,
+    usage,
 )
 
 if TYPE_CHECKING:
@@ -69,10 +83,12 @@ def install(app: FastAPI, state: AppState) -> None:
         return state.ready_engine().engine.tokenizer
 
     def prepare(prompts: list[list[int]], params: Any) -> Run:
-        engine = state.admit()
+        engine = state.ready_engine()
         for p in prompts:  # every client error surfaces here, before a 200 or a stream starts
             engine.engine.check_request(p, params)
-        return Run(prompts, params)
+        run = Run(prompts, params)
+        state.admit(run)  # the run counts as waiting from here until its requests reach the engine
+        return run
 
     async def generate(request: Request, run: Run) -> list[Choice]:
         try:
@@ -203,8 +219,7 @@ async def _chat_stream(state: AppState, request: Request, run: Run, head: dict[s
                 yield sse(base | {"choices": [{"index": c.index, "delta": {"content": c.text} if c.text
                                                else {}, "logprobs": lp, "finish_reason": c.finish_reason}]})
     except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
-        yield sse({"error": {"message": str(e), "type": "invalid_request_error", "param": None,
-                             "code": None}})
+        yield sse_error(e)
     account(run, final.values())
     _record(request, state, head["id"], run)
     if include_usage:
@@ -233,8 +248,7 @@ async def _completion_stream(state: AppState, request: Request, run: Run, head: 
                 yield sse(base | {"choices": [{"index": index, "text": text, "logprobs": lp,
                                                "finish_reason": c.finish_reason}]})
     except (ValueError, RuntimeError) as e:
-        yield sse({"error": {"message": str(e), "type": "invalid_request_error", "param": None,
-                             "code": None}})
+        yield sse_error(e)
     account(run, final.values())
     _record(request, state, head["id"], run)
     if include_usage:

@@ -1,4 +1,7 @@
-"""Live servers for the end-to-end tests: the embedded SmolLM2, loaded once, behind uvicorn threads."""
+"""Live servers for the end-to-end tests: the embedded SmolLM2, loaded once, behind uvicorn threads.
+
+Package-scoped: the model, its engine threads and the one-torch-thread setting end with this package.
+"""
 
 from __future__ import annotations
 
@@ -72,9 +75,10 @@ def serve_app(app: FastAPI, engine: AsyncEngine, key: str = KEY) -> Iterator[Liv
         sock.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def llm_engine() -> Iterator[LLMEngine]:
-    """The one loaded model. Torch gets one thread: the 2 test cores also run the server and client."""
+    """The one loaded model. Torch gets one thread: on a busy 2-core machine two OpenMP threads wait for
+    each other at every small matmul, and the event loop and the client need a core too."""
     import torch
 
     threads = torch.get_num_threads()
@@ -91,14 +95,14 @@ def _started(engine: LLMEngine) -> AsyncEngine:
     return async_engine
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def engine(llm_engine: LLMEngine) -> Iterator[AsyncEngine]:
     async_engine = _started(llm_engine)
     yield async_engine
     async_engine.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def small_engine(llm_engine: LLMEngine) -> Iterator[AsyncEngine]:
     """One sequence at a time over a 64-token context; shares the weights, has its own KV pool."""
     config = EngineConfig(kv_cache_memory=0.02, max_num_seqs=1, max_model_len=64)
@@ -107,7 +111,7 @@ def small_engine(llm_engine: LLMEngine) -> Iterator[AsyncEngine]:
     async_engine.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(engine: AsyncEngine) -> Iterator[Live]:
     """The shared server: key "test-key", 256 KiB body limit, the full 8192-token context."""
     settings = ServerSettings(api_keys=(KEY,), max_body_bytes=256 * 1024)
@@ -115,7 +119,7 @@ def server(engine: AsyncEngine) -> Iterator[Live]:
         yield live
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def queue_server(small_engine: AsyncEngine) -> Iterator[Live]:
     """At most 2 waiting requests over the one-sequence engine: the rest get 429."""
     settings = ServerSettings(api_keys=(KEY,), max_queue=2)

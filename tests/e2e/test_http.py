@@ -7,12 +7,19 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
 from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
 
-from tests.e2e.conftest import MODEL, Live
+from llamaserve.config import EngineConfig
+from llamaserve.engine.async_engine import AsyncEngine
+from llamaserve.engine.llm_engine import LLMEngine
+from llamaserve.server.app import attach_engine, create_app
+from llamaserve.server.settings import ServerSettings
+from tests.e2e.conftest import KEY, MODEL, Live, serve_app
 
 DOC_PATHS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
@@ -119,6 +126,18 @@ def test_malformed_json_is_400(client: httpx.Client) -> None:
     assert_error(client.post("/v1/chat/completions", json={"messages": "hi"}), 400)
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/tokenize", '{"prompt": "a\\ud800"}'),
+    ("/predict", '{"prompt": "hi", "system": "\\udfff", "max_tokens": 1}'),
+    ("/v1/completions", '{"prompt": ["ok", "\\ud800"], "max_tokens": 1}'),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udc00"}], "max_tokens": 1}'),
+])
+def test_lone_surrogate_is_400(client: httpx.Client, path: str, body: str) -> None:
+    # valid JSON, but no text: the tokenizer would raise a TypeError (a 500 before the fix)
+    r = client.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
+    assert "surrogate" in assert_error(r, 400)["message"]
+
+
 def test_unknown_route_is_404(client: httpx.Client) -> None:
     assert assert_error(client.get("/v2/nothing"), 404)["type"] == "not_found_error"
     assert_error(client.post("/v1/nothing", json={}), 404)
@@ -154,23 +173,41 @@ def test_metrics(client: httpx.Client) -> None:
     assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
     for name in METRIC_NAMES:
         assert re.search(rf"^{name}[ {{]", before.text, re.M), name
-    r = client.post("/v1/completions", json={"prompt": "The sky is", "max_tokens": 3, "temperature": 0,
-                                             "ignore_eos": True})
-    assert r.status_code == 200
+    # twice the same 2-block prompt: the second finds its first full block in the prefix cache
+    body = {"prompt": "The sky is blue and the grass is green; " * 4, "max_tokens": 3, "temperature": 0,
+            "ignore_eos": True}
+    usages = [client.post("/v1/completions", json=body).json()["usage"] for _ in range(2)]
     after = client.get("/metrics").text
-    usage = r.json()["usage"]
-    assert metric(after, "llamaserve_prompt_tokens_total") - metric(
-        before.text, "llamaserve_prompt_tokens_total") >= usage["prompt_tokens"]
-    assert metric(after, "llamaserve_generation_tokens_total") - metric(
-        before.text, "llamaserve_generation_tokens_total") >= 3
-    assert metric(after, "llamaserve_e2e_request_latency_seconds_count") > metric(
-        before.text, "llamaserve_e2e_request_latency_seconds_count")
-    assert metric(after, "llamaserve_time_to_first_token_seconds_count") > metric(
-        before.text, "llamaserve_time_to_first_token_seconds_count")
-    assert metric(after, "llamaserve_prefix_cache_queries_total") >= metric(
-        before.text, "llamaserve_prefix_cache_queries_total")
+
+    def grew(name: str) -> float:
+        return metric(after, name) - metric(before.text, name)
+
+    assert grew("llamaserve_prompt_tokens_total") >= 2 * usages[0]["prompt_tokens"] > 32
+    assert grew("llamaserve_generation_tokens_total") >= 6
+    assert usages[1]["prompt_tokens_details"]["cached_tokens"] >= 16
+    assert grew("llamaserve_prefix_cache_hits_total") >= 16
+    assert grew("llamaserve_prefix_cache_queries_total") >= 32
+    for histogram in ("e2e_request_latency_seconds", "time_to_first_token_seconds",
+                      "time_per_output_token_seconds"):
+        assert grew(f"llamaserve_{histogram}_count") >= 2
     assert re.search(r'^llamaserve_requests_total\{route="/v1/completions",status="200"\} [1-9]', after,
                      re.M)
+
+
+def test_health_and_routes_503_until_the_engine_is_attached(engine: AsyncEngine) -> None:
+    app = create_app(None, ServerSettings(api_keys=(KEY,)))
+    client = TestClient(app, headers={"Authorization": f"Bearer {KEY}"})
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json() == {"status": "loading"}
+    assert assert_error(client.get("/v1/models"), 503)["code"] == "loading"
+    assert assert_error(client.post("/v1/completions", json={"prompt": "hi"}), 503)["code"] == "loading"
+    assert client.get("/metrics").status_code == 200
+    attach_engine(app, engine, MODEL)
+    assert client.get("/health").status_code == 200
+    assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+    app.state.llamaserve.draining = True
+    assert client.get("/health").json() == {"status": "draining"}
+    assert assert_error(client.post("/tokenize", json={"prompt": "hi"}), 503)["code"] == "draining"
 
 
 def _access_lines(caplog: pytest.LogCaptureFixture, rid: str | None, timeout: float = 5.0) -> list[dict]:
@@ -217,3 +254,47 @@ def test_access_log_of_client_errors(client: httpx.Client, caplog: pytest.LogCap
     lines = _access_lines(caplog, None)  # client errors carry no request id
     assert any(line["status"] == 400 and line["path"] == "/v1/completions" for line in lines)
     assert any(line["status"] == 401 and line["path"] == "/v1/models" for line in lines)
+
+
+@contextmanager
+def broken_server(llm_engine: LLMEngine, method: str = "step") -> Iterator[Live]:
+    """A server whose engine fails the first time it calls `method`, as a model or kernel failure would."""
+    config = EngineConfig(kv_cache_memory=0.01, max_num_seqs=1, max_model_len=64)
+    broken = LLMEngine(llm_engine.runner.model, llm_engine.tokenizer, config)
+
+    def fail(*args: object) -> list:
+        raise RuntimeError("kernel exploded")
+
+    setattr(broken, method, fail)
+    engine = AsyncEngine(broken)
+    engine.start()
+    try:
+        with serve_app(create_app(engine, ServerSettings(api_keys=(KEY,)), MODEL), engine) as live:
+            yield live
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("method", ["step", "add_request"])
+def test_engine_failure_fails_requests_with_503(llm_engine: LLMEngine, method: str) -> None:
+    with broken_server(llm_engine, method) as live, live.client(timeout=10) as c:
+        r = c.post("/predict", json={"prompt": "hi", "max_tokens": 4})  # in flight when it fails
+        error = assert_error(r, 503)
+        assert error["code"] == "engine_failed" and "kernel exploded" in error["message"]
+        health = httpx.get(f"{live.url}/health")
+        assert health.status_code == 503 and health.json() == {"status": "engine_failed"}
+        after = c.post("/v1/completions", json={"prompt": "hi"})
+        assert assert_error(after, 503)["code"] == "engine_failed"
+        assert c.get("/metrics").status_code == 200  # still scrapeable
+
+
+def test_engine_failure_mid_stream_is_reported_in_band(llm_engine: LLMEngine) -> None:
+    with broken_server(llm_engine) as live, live.client() as c:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200  # the header went out before the failure
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        errors = [json.loads(e)["error"] for e in events[:-1] if "error" in json.loads(e)]
+        assert len(errors) == 1 and "kernel exploded" in errors[0]["message"]
+        assert set(errors[0]) == {"message", "type", "param", "code"} and errors[0]["code"] == "engine_failed"

@@ -64,7 +64,8 @@ def sync_client(server: Live) -> Iterator[OpenAI]:
 @pytest.fixture(scope="module")
 def runs(server: Live) -> dict[str, Any]:
     """Every generating request of this module at once, so the engine batches them (CPU time is short)."""
-    greedy_chat = {"messages": MESSAGES, "temperature": 0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
+    greedy_chat = {"messages": MESSAGES, "temperature": 0, "max_tokens": 8,
+                   "extra_body": {"ignore_eos": True}}
     greedy_completion = {"prompt": PROMPT, "temperature": 0, "max_tokens": 8}
 
     async def main() -> dict[str, Any]:
@@ -79,16 +80,23 @@ def runs(server: Live) -> dict[str, Any]:
                 "completion_stream": _completion_stream(c, stream_options={"include_usage": True},
                                                         **greedy_completion),
                 "n2": chat(model=MODEL, messages=MESSAGES, n=2, temperature=1.0, max_tokens=6),
+                "n2_stream": _chat_stream(c, messages=MESSAGES, n=2, max_tokens=4, stream_options={
+                    "include_usage": True}, extra_body={"ignore_eos": True}),
+                "prompts_n2_stream": _completion_stream(c, prompt=["Red", "Blue"], n=2, max_tokens=3,
+                                                        stream_options={"include_usage": True},
+                                                        extra_body={"ignore_eos": True}),
+                "echo": completion(model=MODEL, prompt=PROMPT, max_tokens=2, echo=True),
                 "seed_a": chat(model=MODEL, **seeded),
                 "seed_b": chat(model=MODEL, **seeded),
                 "chat_logprobs": chat(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=4,
                                       logprobs=True, top_logprobs=3),
                 "completion_logprobs": completion(model=MODEL, prompt=PROMPT, temperature=0.5, max_tokens=4,
                                                   logprobs=2),
-                "extras": chat(model=MODEL, messages=MESSAGES, temperature=0.7, top_p=0.9, max_completion_tokens=6,
-                               presence_penalty=0.5, frequency_penalty=0.5, logit_bias={"28": -100}, user="u1",
-                               stop=["\n\n\n", "zzz"], extra_body={"top_k": 20, "min_p": 0.05,
-                                                                   "repetition_penalty": 1.1, "min_tokens": 4}),
+                "extras": chat(model=MODEL, messages=MESSAGES, temperature=0.7, top_p=0.9,
+                               max_completion_tokens=6, presence_penalty=0.5, frequency_penalty=0.5,
+                               logit_bias={"28": -100}, user="u1", stop=["\n\n\n", "zzz"],
+                               extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1,
+                                           "min_tokens": 4}),
             }
             results = await asyncio.gather(*jobs.values(), return_exceptions=True)
             return dict(zip(jobs, results, strict=True))
@@ -131,6 +139,23 @@ def test_n2(runs: dict[str, Any]) -> None:
     assert [c.index for c in n2.choices] == [0, 1]
     assert all(c.message.content for c in n2.choices)
     assert n2.usage.completion_tokens <= 12
+
+
+def test_n2_stream(runs: dict[str, Any]) -> None:
+    stream = result(runs, "n2_stream")
+    assert sorted(stream.text) == [0, 1] and stream.finish == {0: "length", 1: "length"}
+    assert stream.usage.completion_tokens == stream.token_chunks == 8
+
+
+def test_prompt_list_with_n2_stream(runs: dict[str, Any]) -> None:
+    stream = result(runs, "prompts_n2_stream")  # choice index = prompt index * n + sample index
+    assert sorted(stream.text) == [0, 1, 2, 3] and set(stream.finish.values()) == {"length"}
+    assert stream.usage.completion_tokens == stream.token_chunks == 12
+
+
+def test_echo(runs: dict[str, Any]) -> None:
+    echo = result(runs, "echo")
+    assert echo.choices[0].text.startswith(PROMPT) and len(echo.choices[0].text) > len(PROMPT)
 
 
 def test_seed_reproducible(runs: dict[str, Any]) -> None:
@@ -195,7 +220,7 @@ def test_bad_requests(sync_client: OpenAI) -> None:
         chat(model=MODEL, messages=[{"role": "wizard", "content": "hi"}], max_tokens=1)  # type: ignore[list-item]
     with pytest.raises(openai.BadRequestError, match="n must be"):
         chat(model=MODEL, messages=MESSAGES, n=0, max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+    with pytest.raises(openai.BadRequestError, match="999999"):
         chat(model=MODEL, messages=MESSAGES, max_tokens=1, logit_bias={"999999": 1})
     with pytest.raises(openai.BadRequestError):
         sync_client.completions.create(model=MODEL, prompt="hi", max_tokens=1, logprobs=99)

@@ -1,0 +1,104 @@
+"""A client that leaves aborts its request and frees its blocks; past --max-queue requests get 429."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+
+from tests.e2e.conftest import MODEL, Live
+
+LONG = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 400,
+        "temperature": 0, "ignore_eos": True}
+
+
+def running(client: httpx.Client) -> float:
+    m = re.search(r"^llamaserve_num_requests_running (\S+)$", client.get("/metrics").text, re.M)
+    assert m
+    return float(m.group(1))
+
+
+def wait_idle(server: Live, client: httpx.Client, timeout: float = 5.0) -> None:
+    """Until nothing runs and every KV block is free again."""
+    blocks = server.engine.engine.block_manager
+    deadline = time.monotonic() + timeout
+    while running(client) or server.engine.num_in_flight or blocks.num_free_blocks != blocks.num_blocks:
+        assert time.monotonic() < deadline, (
+            f"not idle after {timeout} s: {running(client)} running, {server.engine.num_in_flight} in "
+            f"flight, {blocks.num_free_blocks}/{blocks.num_blocks} blocks free")
+        time.sleep(0.05)
+
+
+def test_disconnect_mid_stream_aborts(server: Live) -> None:
+    with server.client() as client:
+        wait_idle(server, client)
+        start = time.monotonic()
+        with client.stream("POST", "/v1/chat/completions", json=LONG | {"stream": True}) as r:
+            assert r.status_code == 200
+            chunks = 0
+            for line in r.iter_lines():
+                chunks += line.startswith("data: ")
+                if chunks == 3:  # the role chunk and two tokens
+                    break
+            deadline = time.monotonic() + 5
+            while running(client) != 1:  # the gauge is a snapshot taken after each engine step
+                assert time.monotonic() < deadline, server.engine.stats
+                time.sleep(0.05)
+        # leaving the block closes the connection mid-stream
+        wait_idle(server, client)
+        assert time.monotonic() - start < 30  # far less than 400 tokens take
+
+
+def test_disconnect_while_waiting_for_a_full_response_aborts(server: Live) -> None:
+    with server.client() as client:
+        wait_idle(server, client)
+        try:
+            client.post("/v1/chat/completions", json=LONG, timeout=1.5)
+            raise AssertionError("400 tokens came back within 1.5 s")
+        except httpx.ReadTimeout:
+            pass  # httpx closes the connection
+        wait_idle(server, client)
+
+
+def test_overload_gets_429_with_retry_after(queue_server: Live) -> None:
+    with queue_server.client() as client:
+        wait_idle(queue_server, client)
+        before = client.get("/metrics").text
+
+    async def one(c: httpx.AsyncClient, i: int) -> tuple[int, dict[str, str], str]:
+        body = {"model": MODEL, "prompt": f"Story {i}: once upon a time", "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True, "stream": i % 2 == 1}
+        r = await c.post("/v1/completions", json=body)
+        return r.status_code, dict(r.headers), r.text
+
+    async def main() -> list[tuple[int, dict[str, str], str]]:
+        async with httpx.AsyncClient(base_url=queue_server.url, headers=queue_server.headers,
+                                     timeout=120) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(10)))
+
+    results = asyncio.run(main())
+    statuses = sorted(s for s, _, _ in results)
+    assert set(statuses) == {200, 429}, statuses
+    for status, headers, text in results:
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1
+            assert json.loads(text)["error"]["type"] == "rate_limit_error"
+        elif headers["content-type"].startswith("text/event-stream"):
+            events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+            assert sum(1 for e in events[:-1] if json.loads(e)["choices"]) == 8
+        else:
+            assert json.loads(text)["usage"]["completion_tokens"] == 8
+    with queue_server.client() as client:
+        after = client.get("/metrics").text
+        wait_idle(queue_server, client)
+
+    def rejected(text: str) -> float:
+        m = re.search(r"^llamaserve_requests_rejected_queue_full_total (\S+)$", text, re.M)
+        assert m
+        return float(m.group(1))
+
+    assert rejected(after) - rejected(before) == statuses.count(429)
