@@ -28,10 +28,16 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check llamaserve tests benchmarks
-	$(BIN)/ruff format --check llamaserve tests benchmarks
+	$(BIN)/mypy llamaserve/engine llamaserve/server
 
+# Offline engine throughput, then the peer comparison against llama.cpp's llama-server (built once into
+# .bench/; NOAMX=1 also builds the no-AMX variant). COMPARE_ARGS go to compare.py, e.g.
+# COMPARE_ARGS="--serve-args '--quantization int4'". Slow: not part of `make test`.
+COMPARE_ARGS ?=
 bench: venv
 	$(BIN)/python benchmarks/engine_throughput.py
+	benchmarks/build_llama_server.sh
+	$(BIN)/python benchmarks/compare.py $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

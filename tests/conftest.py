@@ -23,16 +23,12 @@ def hf_tokenizer(smollm_path: Path):
     return AutoTokenizer.from_pretrained(str(smollm_path.parent), gguf_file=smollm_path.name)
 
 
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """One torch thread for a module (opt in with pytest.mark.usefixtures): on a busy 2-core machine two
-    OpenMP threads wait a scheduler slice for each other at every small matmul, costing 2-6x CPU time."""
+def pytest_configure(config):  # noqa: D103
     import torch
 
-    before = torch.get_num_threads()
+    # One torch thread for the whole run: on a busy 2-core machine two OpenMP threads wait a scheduler
+    # slice for each other at every small matmul (2-6x slower), and the tests' servers need a core too.
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def pytest_collection_modifyitems(config, items):  # noqa: D103

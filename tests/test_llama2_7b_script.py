@@ -20,8 +20,6 @@ from llamaserve.model.quant import Int4Linear
 from tests.checkpoints import rel_err
 from tests.paged import forward_logits
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 TINY = {"hidden": 256, "ffn": 512, "heads": 4, "vocab": 512}
 IDS = torch.randint(3, 512, (40,), generator=torch.Generator().manual_seed(0)).tolist()
 LLAMA2_7B = ModelConfig(

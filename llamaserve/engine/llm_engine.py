@@ -51,7 +51,8 @@ class LLMEngine:
 
         net, source = load_model(model, config.dtype, default_device(config.device), progress=progress,
                                  quantization=config.quantization)
-        tokenizer = load_tokenizer(source.path, Path(chat_template) if chat_template else None, source.metadata)
+        template = Path(chat_template) if chat_template else None
+        tokenizer = load_tokenizer(source.path, template, source.metadata)
         engine = cls(net, tokenizer, config)
         engine.source = source
         return engine

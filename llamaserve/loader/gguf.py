@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,6 @@ def iter_tensors(
             raise ModelLoadError(f"tensor {t.name} is truncated or corrupt: {e}") from e
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if name.endswith("q_proj.weight") else cfg.num_key_value_heads
-            value = (value.permute_rows(lambda w: unpermute_qk(w, heads)) if isinstance(value, Q4Weight)
-                     else unpermute_qk(value, heads))
+            value = (value.permute_rows(functools.partial(unpermute_qk, n_heads=heads))
+                     if isinstance(value, Q4Weight) else unpermute_qk(value, heads))
         yield name, value

@@ -147,7 +147,8 @@ def load_model(
     params = dict(net.named_parameters(remove_duplicate=False))
     seen: set = set()
     start = time.perf_counter()
-    bar = tqdm(total=_num_tensors(source), desc=f"loading {source.path.name}", unit=" tensors", disable=not progress)
+    bar = tqdm(total=_num_tensors(source), desc=f"loading {source.path.name}", unit=" tensors",
+               disable=not progress)
     for name, value in _tensors(source, keep_int4):
         _copy_into(net, params, name, value, seen)
         bar.update(1)

@@ -77,16 +77,8 @@ def serve_app(app: FastAPI, engine: AsyncEngine, key: str = KEY) -> Iterator[Liv
 
 @pytest.fixture(scope="package")
 def llm_engine() -> Iterator[LLMEngine]:
-    """The one loaded model. Torch gets one thread: on a busy 2-core machine two OpenMP threads wait for
-    each other at every small matmul, and the event loop and the client need a core too."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield LLMEngine.from_model(None, EngineConfig(kv_cache_memory=0.25, max_num_seqs=8))
-    finally:
-        torch.set_num_threads(threads)
+    """The one loaded model (tests/conftest.py gives torch one thread for the whole run)."""
+    return LLMEngine.from_model(None, EngineConfig(kv_cache_memory=0.25, max_num_seqs=8))
 
 
 def _started(engine: LLMEngine) -> AsyncEngine:

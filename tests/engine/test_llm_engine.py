@@ -49,7 +49,8 @@ def test_seeded_sampling_repeats_alone_and_in_a_batch(smollm_parts):
     first = engine.generate([prompt], seeded)[0][0]
     assert engine.generate([prompt], seeded)[0][0] == first
     others = [chat_ids(engine, q) for q in QUESTIONS[:5]]
-    mixed = engine.generate([prompt] + others, [seeded] + [SamplingParams(max_tokens=20, temperature=1.0)] * 5)
+    unseeded = [SamplingParams(max_tokens=20, temperature=1.0)] * 5
+    mixed = engine.generate([prompt] + others, [seeded] + unseeded)
     assert mixed[0][0] == first
     different = engine.generate([prompt], SamplingParams(max_tokens=20, temperature=0.9, top_p=0.95, seed=99))
     assert different[0][0] != first

@@ -16,8 +16,6 @@ from llamaserve.loader.errors import ModelLoadError
 from llamaserve.loader.weights import inspect_model, load_model
 from tests.checkpoints import gguf_tensors, tiny_hf_model, write_gguf
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 @pytest.fixture(scope="module")
 def model():

@@ -26,8 +26,6 @@ from tests.checkpoints import (
 )
 from tests.paged import forward_logits
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 IDS = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
 
 

@@ -13,8 +13,6 @@ from llamaserve.loader.weights import load_model
 from tests.checkpoints import TINY, hf_logits, rel_err, tiny_hf_model
 from tests.paged import forward_logits
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 LLAMA3_SCALING = {
     "rope_type": "llama3",
     "factor": 8.0,

@@ -43,7 +43,6 @@ QUESTIONS = [
 ]
 NEW_TOKENS = 32
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

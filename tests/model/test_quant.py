@@ -12,8 +12,6 @@ from llamaserve.loader.weights import load_model
 from llamaserve.model.quant import Int4Linear, q4_from_blocks
 from tests.paged import forward_logits
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1])
 def test_q4_blocks_unpack_exactly(qtype):

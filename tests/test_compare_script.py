@@ -1,0 +1,63 @@
+"""benchmarks/compare.py: its BENCHMARKS.md section (table, ratio) and the marker replacement."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from llamaserve.bench.report import LevelMetrics, Stats
+
+
+def _compare() -> ModuleType:
+    path = Path(__file__).parent.parent / "benchmarks" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _compare()
+
+
+def _level(concurrency: int, tps: float, ttft_p50: float, ttft_p99: float, failed: int = 0) -> LevelMetrics:
+    ms = Stats(1.0, 1.0, 1.0)
+    return LevelMetrics(concurrency=concurrency, request_rate=None, completed=4, failed=failed,
+                        duration_s=1.0, output_tokens=int(tps), request_throughput=4.0, output_throughput=tps,
+                        goodput=None, ttft_ms=Stats(ttft_p50, ttft_p50, ttft_p99), tpot_ms=ms, itl_ms=ms,
+                        e2e_ms=ms, errors={})
+
+
+def test_section_has_the_measured_numbers_and_ratio() -> None:
+    ours = [_level(1, 50.0, 120.0, 300.0), _level(16, 400.0, 900.0, 2500.0, failed=1)]
+    peer = [_level(1, 200.0, 40.0, 60.0), _level(16, 320.0, 400.0, 1200.0)]
+    info = {"llama_cpp_commit": "0c1e57098bba", "llama_cpp_version": "0.5.0", "variant": "amx"}
+    text = compare.section(ours, peer, ["cmd one", "cmd two"], info, smoke=False)
+    assert "| 1 | 50.0 | 200.0 | 0.25x | 120 / 300 | 40 / 60 | 0, 0 |" in text
+    assert "| 16 | 400.0 | 320.0 | 1.25x | 900 / 2,500 | 400 / 1,200 | 1, 0 |" in text
+    assert "commit 0c1e5709" in text and "cmd two" in text and "SMOKE" not in text
+    assert "SMOKE" in compare.section(ours, peer, [], info, smoke=True)
+
+
+def test_write_section_creates_replaces_and_keeps_other_content(tmp_path: Path) -> None:
+    md = tmp_path / "BENCHMARKS.md"
+    compare.write_section(md, "first\n")
+    assert md.read_text() == f"# Benchmarks\n\n{compare.START}\nfirst\n{compare.END}\n"
+    md.write_text("# Benchmarks\n\nintro\n\n" + md.read_text().split("\n\n", 1)[1] + "\n## Engine\n\nkept\n")
+    compare.write_section(md, "second\n")
+    compare.write_section(md, "third\n")
+    text = md.read_text()
+    assert text == f"# Benchmarks\n\nintro\n\n{compare.START}\nthird\n{compare.END}\n\n## Engine\n\nkept\n"
+
+
+def test_write_section_appends_without_markers_and_refuses_a_broken_pair(tmp_path: Path) -> None:
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\nold notes\n")
+    compare.write_section(md, "new\n")
+    assert md.read_text() == f"# Benchmarks\n\nold notes\n\n{compare.START}\nnew\n{compare.END}\n"
+    md.write_text(f"{compare.END}\n{compare.START}\n")
+    with pytest.raises(SystemExit):
+        compare.write_section(md, "x\n")
