@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -20,6 +21,16 @@ from llamaserve.engine.sampling_params import SamplingParams
 TOPICS = ["the ocean", "a robot", "autumn", "a lighthouse", "mountains", "a city at night", "coffee",
           "the moon", "a library", "trains", "a garden", "winter", "music", "a desert", "friendship",
           "rain"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it has AVX-512 / AMX (they decide which kernels are fast)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                platform.machine())
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    extra = [f for f in ("avx512f", "amx_tile") if f in flags] or ["no AVX-512, no AMX"]
+    return f"{name} ({', '.join(extra)})"
 
 
 def run(engine: LLMEngine, batch: int, max_tokens: int) -> dict[str, float]:
@@ -40,18 +51,23 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default="none", help="none | int4")
     ap.add_argument("--out", default="", help="also write the markdown section to this file")
     args = ap.parse_args()
-    engine = LLMEngine.from_model(None, EngineConfig(kv_cache_memory=2.0, max_num_seqs=64, dtype=args.dtype))
+    engine = LLMEngine.from_model(None, EngineConfig(
+        kv_cache_memory=2.0, max_num_seqs=64, dtype=args.dtype, quantization=args.quantization))
     rows = [run(engine, b, args.max_tokens) for b in args.batches]
     dtype = str(next(engine.runner.model.parameters()).dtype).removeprefix("torch.")
     lines = [
-        "## Engine throughput (offline, embedded SmolLM2-135M-Instruct Q4_1)",
+        f"### Engine throughput (offline, embedded SmolLM2-135M-Instruct Q4_1, "
+        f"quantization {args.quantization})",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}, weights {dtype}. Greedy, ignore_eos, {args.max_tokens} tokens each.",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}, activations {dtype}, quantization {args.quantization}. Greedy, "
+        f"ignore_eos, {args.max_tokens} tokens each.",
         f"Command: `.venv/bin/python benchmarks/engine_throughput.py --batches "
-        f"{' '.join(map(str, args.batches))} --max-tokens {args.max_tokens}`",
+        f"{' '.join(map(str, args.batches))} --max-tokens {args.max_tokens} "
+        f"--quantization {args.quantization}`",
         "",
         "| batch | output tokens | seconds | tokens/s | vs batch 1 |",
         "|---|---|---|---|---|",

@@ -1,0 +1,221 @@
+"""Peer comparison: our server against llama.cpp's llama-server on the embedded GGUF, one after the other.
+
+Each server is started alone (the machine has few cores), waited on until /health answers 200, loaded by
+`llamaserve bench` (closed loop, streamed, greedy, ignore_eos), then stopped. The two JSON reports are
+compared into a table and a plot, and a section between `<!-- compare:start -->` and
+`<!-- compare:end -->` in the markdown file is replaced with the numbers measured in this run.
+
+Usage: .venv/bin/python benchmarks/compare.py [--serve-args "--quantization int4"] [--smoke]
+Build llama-server first: benchmarks/build_llama_server.sh
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+from llamaserve.bench.report import LevelMetrics, load_result
+from llamaserve.loader.registry import default_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / ".venv" / "bin"
+START, END = "<!-- compare:start -->", "<!-- compare:end -->"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path) -> None:
+    """Poll GET url until 200; fail if the process exits first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"compare: the server exited with {proc.returncode} before it was healthy; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not listening yet, or 503 while the model loads
+        time.sleep(0.5)
+    sys.exit(f"compare: {url} not healthy after {timeout:g} s; see {log}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 60 s; returns once the process is gone."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_one(label: str, server_cmd: list[str], port: int, bench_args: list[str], out_dir: Path,
+            health_timeout: float) -> tuple[Path, list[str]]:
+    """Start one server, benchmark it, stop it. Returns the JSON report and the bench command."""
+    log = out_dir / f"{label}.server.log"
+    json_out = out_dir / f"{label}.json"
+    bench_cmd = [str(BIN / "llamaserve"), "bench", "--base-url", f"http://127.0.0.1:{port}", *bench_args,
+                 "--json-out", str(json_out), "--label", label]
+    print(f"compare: starting {label}: {shlex.join(server_cmd)}", flush=True)
+    with log.open("wb") as f:
+        proc = subprocess.Popen(server_cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}/health", health_timeout, log)
+        print(f"compare: {label} healthy; {shlex.join(bench_cmd)}", flush=True)
+        json_out.unlink(missing_ok=True)
+        subprocess.run(bench_cmd, check=True, cwd=ROOT)
+    finally:
+        stop(proc)
+    return json_out, bench_cmd
+
+
+def build_info(llama_server: Path) -> dict[str, str]:
+    """key=value lines that build_llama_server.sh wrote beside the binary's build folder."""
+    path = llama_server.parent.parent / "build-info.txt"
+    if not path.is_file():
+        return {}
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
+                 "unknown CPU")
+    amx = "AMX" if " amx_tile" in cpuinfo else "no AMX"
+    return f"{model}, {os.cpu_count()} cores ({amx})"
+
+
+def our_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + (" with uncommitted changes" if dirty else "")
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def section(ours: list[LevelMetrics], peer: list[LevelMetrics], commands: list[str], info: dict[str, str],
+            smoke: bool) -> str:
+    """The markdown section, from the two runs' metrics only."""
+    title = "## Peer comparison: llamaserve vs llama.cpp llama-server"
+    if smoke:
+        title += " (SMOKE RUN: too short to mean anything)"
+    amx = info.get("ldtilecfg_in_binary", "?")
+    amx_note = {"?": "AMX unknown", "0": "no AMX code in it"}.get(amx, f"AMX kernels in it ({amx} ldtilecfg)")
+    nice = f", at nice {os.nice(0)}" if os.nice(0) else ""
+    lines = [
+        title, "",
+        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}. "
+        f"llama.cpp {info.get('llama_cpp_version', '?')} at commit {info.get('llama_cpp_commit', '?')[:8]} "
+        f"(from the llama-cpp-python {info.get('llama_cpp_python_sdist', '?')} sdist, "
+        f"its {info.get('variant', '?')} build, {amx_note}); "
+        f"torch {importlib.metadata.version('torch')}; llamaserve {our_commit()}{nice}.",
+        "Model: the embedded SmolLM2-135M-Instruct Q4_1 GGUF for both. The servers ran one after the other.",
+        "", "Commands (the first runs the rest):", "", "```", *commands, "```", "",
+        "| concurrency | ours tok/s | llama-server tok/s | ours / llama-server | ours TTFT p50 / p99 ms "
+        "| llama-server TTFT p50 / p99 ms | failed (ours, llama-server) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a, b in zip(ours, peer, strict=True):
+        ratio = f"{a.output_throughput / b.output_throughput:.2f}x" if b.output_throughput else "-"
+        ttft = " | ".join(f"{_ms(m.ttft_ms.p50)} / {_ms(m.ttft_ms.p99)}" for m in (a, b))
+        lines.append(f"| {a.concurrency} | {a.output_throughput:,.1f} | {b.output_throughput:,.1f} | {ratio} "
+                     f"| {ttft} | {a.failed}, {b.failed} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replace the text between the markers; append the block if there are none; create a missing file."""
+    block = f"{START}\n{text}{END}\n"
+    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
+    if (START in old) != (END in old) or old.find(START) > old.find(END):
+        sys.exit(f"compare: {path} has a broken {START} ... {END} pair; fix it by hand")
+    if START in old:
+        head, rest = old.split(START, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        new = head + block + ("\n" + tail if tail else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    path.write_text(new)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-server", type=Path, default=ROOT / ".bench/llama.cpp-amx/bin/llama-server")
+    ap.add_argument("--serve-args", default="",
+                    help="extra `llamaserve serve` options, e.g. '--quantization int4'")
+    ap.add_argument("--llama-server-args", default="-t 2 -c 8192 -np 16", help="llama-server options")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 16 (smoke: 1)")
+    ap.add_argument("--num-prompts", type=int, default=None, help="default 32 (smoke: 4)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 128 (smoke: 16)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a short end-to-end check; writes under .bench/, never BENCHMARKS.md")
+    ap.add_argument("--markdown", type=Path, default=None, help="default BENCHMARKS.md (smoke: .bench/)")
+    ap.add_argument("--plot-out", type=Path, default=None,
+                    help="default benchmarks/compare.png (smoke: .bench/)")
+    ap.add_argument("--health-timeout", type=float, default=600.0, help="seconds for a server to load")
+    args = ap.parse_args()
+    smoke = args.smoke
+    args.concurrency = args.concurrency or ([1] if smoke else [1, 16])
+    args.num_prompts = args.num_prompts or (4 if smoke else 32)
+    args.max_tokens = args.max_tokens or (16 if smoke else 128)
+    args.markdown = args.markdown or ROOT / (".bench/compare-smoke.md" if smoke else "BENCHMARKS.md")
+    plot = ".bench/compare-smoke.png" if smoke else "benchmarks/compare.png"
+    args.plot_out = args.plot_out or ROOT / plot
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if not args.llama_server.is_file():
+        sys.exit(f"compare: no {args.llama_server}; run benchmarks/build_llama_server.sh first")
+    out_dir = ROOT / ".bench"
+    out_dir.mkdir(exist_ok=True)
+    gguf = str(default_model_path())
+    bench_args = ["--concurrency", *map(str, args.concurrency), "--num-prompts", str(args.num_prompts),
+                  "--max-tokens", str(args.max_tokens), "--ignore-eos", "--temperature", "0"]
+    suffix = "-smoke" if args.smoke else ""
+    p1 = free_port()
+    ours_cmd = [str(BIN / "llamaserve"), "serve", "--host", "127.0.0.1", "--port", str(p1),
+                *shlex.split(args.serve_args)]
+    ours_json, ours_bench = run_one("ours" + suffix, ours_cmd, p1, bench_args, out_dir, args.health_timeout)
+    p2 = free_port()
+    peer_cmd = [str(args.llama_server), "-m", gguf, "--host", "127.0.0.1", "--port", str(p2),
+                *shlex.split(args.llama_server_args)]
+    peer_json, peer_bench = run_one("llama-server" + suffix, peer_cmd, p2, bench_args, out_dir,
+                                    args.health_timeout)
+    compare_cmd = [str(BIN / "llamaserve"), "bench", "--compare", str(ours_json), str(peer_json),
+                   "--plot-out", str(args.plot_out)]
+    subprocess.run(compare_cmd, check=True, cwd=ROOT)
+    whole = [".venv/bin/python", "benchmarks/compare.py", *sys.argv[1:]]
+    commands = [shlex.join(c).replace(str(ROOT) + "/", "") for c in
+                (whole, ours_cmd, ours_bench, peer_cmd, peer_bench, compare_cmd)]
+    (_, ours), (_, peer) = load_result(ours_json), load_result(peer_json)
+    text = section(ours, peer, commands, build_info(args.llama_server), args.smoke)
+    write_section(args.markdown, text)
+    print(f"\n{text}\ncompare: wrote {args.markdown} and {args.plot_out}")
+
+
+if __name__ == "__main__":
+    main()
