@@ -6,6 +6,7 @@ import copy
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from llamaserve.engine.scheduler import Scheduler
 from llamaserve.engine.sequence import Sequence
 from llamaserve.loader.tokenizer import Tokenizer
 from llamaserve.model.llama import Transformer
+
+if TYPE_CHECKING:
+    from llamaserve.loader.weights import ModelSource
 
 
 @dataclass(slots=True)
@@ -71,7 +75,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.num_steps = 0
-        self.source = None  # the ModelSource, when built by from_model
+        self.source: ModelSource | None = None  # when built by from_model
 
     # -- requests -------------------------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
@@ -177,7 +181,8 @@ class LLMEngine:
             req.pending = []
         detok = req.detoks[seq.index]
         text = detok.add([token])
-        reason, stop_reason = None, None
+        reason: str | None = None
+        stop_reason: str | int | None = None
         if detok.stop_reason is not None:
             reason, stop_reason = "stop", detok.stop_reason
         elif token in params.stop_token_ids:

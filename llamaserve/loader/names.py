@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import cast
 
 import torch
 
@@ -74,7 +75,8 @@ def hf_to_ours(name: str) -> tuple[str, int | None] | None:
     found = _lookup(name, _HF_PATTERNS)
     if found is None:
         return None
-    (param, piece), layer = found  # type: ignore[misc]
+    target, layer = found
+    param, piece = cast(tuple[str, int | None], target)
     return param.replace("{i}", layer), piece
 
 
@@ -82,7 +84,7 @@ def fused_rows(cfg: ModelConfig, param: str, piece: int) -> tuple[int, int]:
     """Row range [start, end) of a piece inside a fused parameter (wqkv: q, k, v; w13: gate, up)."""
     if param.endswith("wqkv.weight"):
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        starts = (0, q, q + kv, q + 2 * kv)
+        starts: tuple[int, ...] = (0, q, q + kv, q + 2 * kv)
     else:
         i = cfg.intermediate_size
         starts = (0, i, 2 * i)

@@ -7,9 +7,10 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from llamaserve.config import ModelConfig
@@ -87,7 +88,7 @@ def _int4_plan(source: ModelSource) -> tuple[set[str], frozenset[str]]:
 def _use_int4(net: Transformer, modules: set[str], dtype: torch.dtype) -> None:
     for name in modules:
         parent, _, child = name.rpartition(".")
-        old = net.get_submodule(name)
+        old = cast(nn.Linear, net.get_submodule(name))
         setattr(net.get_submodule(parent) if parent else net, child,
                 Int4Linear(old.in_features, old.out_features, dtype))
 
@@ -96,9 +97,12 @@ def _num_tensors(source: ModelSource) -> int:
     return sum(source.tensor_types.values())
 
 
-def _copy_into(model: Transformer, params: dict, name: str, value: torch.Tensor, seen: set) -> None:
-    if name == "rope_freqs.weight":  # Llama 3 frequency factors from a GGUF file
-        model.inv_freq.div_(value.to(model.inv_freq))
+def _copy_into(
+    model: Transformer, params: dict, name: str, value: torch.Tensor | Q4Weight, seen: set
+) -> None:
+    if name == "rope_freqs.weight" and isinstance(value, torch.Tensor):  # Llama 3 factors from GGUF
+        inv_freq: torch.Tensor = model.inv_freq  # type: ignore[assignment]
+        inv_freq.div_(value.to(inv_freq))
         return
     target = hf_to_ours(name)
     if target is None:
@@ -166,7 +170,7 @@ def load_model(
 
 def _check_complete(net: Transformer, seen: set) -> None:
     cfg = net.config
-    expected = {("tok_embeddings.weight", None), ("norm.weight", None)}
+    expected: set[tuple[str, int | None]] = {("tok_embeddings.weight", None), ("norm.weight", None)}
     if not cfg.tie_word_embeddings:
         expected.add(("output.weight", None))
     for i in range(cfg.num_hidden_layers):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +149,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Run T new tokens of B sequences; return the final hidden states [T, hidden]."""
         x = self.tok_embeddings(input_ids)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], float32
+        inv_freq = cast(torch.Tensor, self.inv_freq)  # a registered buffer
+        freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2], float32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.layers:

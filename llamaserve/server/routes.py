@@ -203,6 +203,18 @@ def _completion_prompts(tok: Any, prompt: Any) -> list[list[int]]:
     return [list(p) for p in prompt]
 
 
+def _closing_chunks(state: AppState, request: Request, run: Run, base: dict[str, Any],
+                    final: dict[int, Any], include_usage: bool) -> list[bytes]:
+    """After the last delta: account usage, record metrics and the access log, then usage and [DONE]."""
+    account(run, final.values())
+    _record(request, state, base["id"], run)
+    chunks = []
+    if include_usage:
+        chunks.append(sse(base | {"choices": [], "usage": usage(
+            run.prompt_tokens, run.completion_tokens, run.cached_tokens).model_dump()}))
+    return chunks + [SSE_DONE]
+
+
 async def _chat_stream(state: AppState, request: Request, run: Run, head: dict[str, Any],
                        include_usage: bool) -> AsyncIterator[bytes]:
     base = head | {"object": "chat.completion.chunk"}
@@ -220,12 +232,8 @@ async def _chat_stream(state: AppState, request: Request, run: Run, head: dict[s
                                                else {}, "logprobs": lp, "finish_reason": c.finish_reason}]})
     except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
         yield sse_error(e)
-    account(run, final.values())
-    _record(request, state, head["id"], run)
-    if include_usage:
-        yield sse(base | {"choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens,
-                                                        run.cached_tokens).model_dump()})
-    yield SSE_DONE
+    for chunk in _closing_chunks(state, request, run, base, final, include_usage):
+        yield chunk
 
 
 async def _completion_stream(state: AppState, request: Request, run: Run, head: dict[str, Any],
@@ -247,11 +255,7 @@ async def _completion_stream(state: AppState, request: Request, run: Run, head: 
                 offsets[index] += len(text)
                 yield sse(base | {"choices": [{"index": index, "text": text, "logprobs": lp,
                                                "finish_reason": c.finish_reason}]})
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
         yield sse_error(e)
-    account(run, final.values())
-    _record(request, state, head["id"], run)
-    if include_usage:
-        yield sse(base | {"choices": [], "usage": usage(run.prompt_tokens, run.completion_tokens,
-                                                        run.cached_tokens).model_dump()})
-    yield SSE_DONE
+    for chunk in _closing_chunks(state, request, run, base, final, include_usage):
+        yield chunk

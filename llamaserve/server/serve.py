@@ -69,7 +69,7 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
             async_engine = AsyncEngine(engine)
             async_engine.start()
             attach_engine(app, async_engine, args.model or DEFAULT_MODEL)
-            log.info("model %s loaded in %.1f s; serving on http://%s:%d", engine.source.path.name,
+            log.info("model %s loaded in %.1f s; serving on http://%s:%d", args.model or DEFAULT_MODEL,
                      time.perf_counter() - start, settings.host, settings.port)
         except BaseException as e:  # shown to the user as one line, then the server stops
             failure.append(e)
