@@ -17,7 +17,6 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] long: pool slot for each new token's K/V
     ctx_slots: torch.Tensor  # [B, L] long: pool slots of each sequence's context (padding: slot 0)
     mask: torch.Tensor | None  # [B, 1, Q, L] bool, True = attend; None when every query is 1 token
-    ctx_lens: torch.Tensor  # [B] long: context length per sequence (for the decode mask)
     q_dest: torch.Tensor | None  # [T] long: row of each token in the padded [B * Q] query; None if Q == 1
     num_seqs: int
     max_query_len: int
@@ -85,7 +84,6 @@ def build_metadata(
         slot_mapping=slot_mapping.to(device),
         ctx_slots=ctx_slots.to(device),
         mask=mask.to(device),
-        ctx_lens=ctx_lens.to(device),
         q_dest=None if q_dest is None else q_dest.to(device),
         num_seqs=B,
         max_query_len=Q,
