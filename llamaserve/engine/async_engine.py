@@ -80,10 +80,9 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
-        """Validate, enqueue, then yield deltas until the request finishes. ValueError: a bad request."""
+        """Enqueue, then yield deltas until the request finishes; a bad request raises ValueError."""
         if self.error is not None:
             raise EngineDeadError(self.error)
-        params.max_tokens = self.engine.check_request(prompt_token_ids, params)
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:

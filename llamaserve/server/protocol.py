@@ -163,16 +163,5 @@ def usage(prompt: int, completion: int, cached: int = 0) -> Usage:
                  prompt_tokens_details={"cached_tokens": cached})
 
 
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | int | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

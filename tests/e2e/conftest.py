@@ -87,6 +87,18 @@ def _started(engine: LLMEngine) -> AsyncEngine:
     return async_engine
 
 
+@contextmanager
+def started_server(llm_engine: LLMEngine) -> Iterator[Live]:
+    """A started AsyncEngine over `llm_engine` behind an app with the test key; stopped on exit."""
+    async_engine = _started(llm_engine)
+    try:
+        app = create_app(async_engine, ServerSettings(api_keys=(KEY,)), MODEL)
+        with serve_app(app, async_engine) as live:
+            yield live
+    finally:
+        async_engine.shutdown()
+
+
 @pytest.fixture(scope="package")
 def engine(llm_engine: LLMEngine) -> Iterator[AsyncEngine]:
     async_engine = _started(llm_engine)

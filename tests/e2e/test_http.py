@@ -19,7 +19,7 @@ from llamaserve.engine.async_engine import AsyncEngine
 from llamaserve.engine.llm_engine import LLMEngine
 from llamaserve.server.app import attach_engine, create_app
 from llamaserve.server.settings import ServerSettings
-from tests.e2e.conftest import KEY, MODEL, Live, serve_app
+from tests.e2e.conftest import KEY, MODEL, Live, started_server
 
 DOC_PATHS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
@@ -266,13 +266,8 @@ def broken_server(llm_engine: LLMEngine, method: str = "step") -> Iterator[Live]
         raise RuntimeError("kernel exploded")
 
     setattr(broken, method, fail)
-    engine = AsyncEngine(broken)
-    engine.start()
-    try:
-        with serve_app(create_app(engine, ServerSettings(api_keys=(KEY,)), MODEL), engine) as live:
-            yield live
-    finally:
-        engine.shutdown()
+    with started_server(broken) as live:
+        yield live
 
 
 @pytest.mark.parametrize("method", ["step", "add_request"])

@@ -10,24 +10,18 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from llamaserve.config import EngineConfig
-from llamaserve.engine.async_engine import AsyncEngine
 from llamaserve.engine.llm_engine import LLMEngine
 from llamaserve.server.app import create_app
 from llamaserve.server.settings import ServerSettings
-from tests.e2e.conftest import KEY, MODEL, Live, serve_app
+from tests.e2e.conftest import Live, started_server
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(llm_engine: LLMEngine) -> Iterator[Live]:
     """Over a 24-token context: a request the schema allows generates 23 tokens at most (CPU is slow)."""
     config = EngineConfig(kv_cache_memory=0.01, max_num_seqs=8, max_model_len=24)
-    engine = AsyncEngine(LLMEngine(llm_engine.runner.model, llm_engine.tokenizer, config))
-    engine.start()
-    try:
-        with serve_app(create_app(engine, ServerSettings(api_keys=(KEY,)), MODEL), engine) as live:
-            yield live
-    finally:
-        engine.shutdown()
+    with started_server(LLMEngine(llm_engine.runner.model, llm_engine.tokenizer, config)) as live:
+        yield live
 
 
 # The schema does not depend on the model, so an app without an engine provides it at collection time.
