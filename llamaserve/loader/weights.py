@@ -143,9 +143,10 @@ def load_model(
         resolve_dtype(dtype, cfg, dev)
     int4_modules, keep_int4 = _int4_plan(source) if quantization == "int4" else (set(), frozenset())
     with torch.device("meta"):
-        net = Transformer(cfg)
+        net = Transformer(cfg).to(torch_dtype)  # shapes and dtypes only: no memory yet
     _use_int4(net, int4_modules, torch_dtype)
-    net = net.to_empty(device=dev).to(torch_dtype)
+    # Allocate every parameter once, already in its final dtype (never a float32 copy of a 7B model).
+    net = net.to_empty(device=dev)
     # to_empty left the RoPE table uninitialised: compute it again.
     net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(dev)
     params = dict(net.named_parameters(remove_duplicate=False))
