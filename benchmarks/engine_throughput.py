@@ -57,7 +57,7 @@ def main() -> None:
     engine = LLMEngine.from_model(None, EngineConfig(
         kv_cache_memory=2.0, max_num_seqs=64, dtype=args.dtype, quantization=args.quantization))
     rows = [run(engine, b, args.max_tokens) for b in args.batches]
-    dtype = str(next(engine.runner.model.parameters()).dtype).removeprefix("torch.")
+    dtype = str(engine.runner.model.dtype).removeprefix("torch.")
     lines = [
         f"### Engine throughput (offline, embedded SmolLM2-135M-Instruct Q4_1, "
         f"quantization {args.quantization})",

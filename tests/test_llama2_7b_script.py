@@ -16,7 +16,7 @@ from gguf.quants import dequantize
 
 from llamaserve.config import ModelConfig
 from llamaserve.loader.weights import inspect_model, load_model
-from llamaserve.model.quant import Int4Linear
+from llamaserve.model.quant import CastLinear, Int4Linear, Int8Linear
 from tests.checkpoints import finish_with_placeholders, rel_err
 from tests.paged import forward_logits
 
@@ -118,6 +118,12 @@ def test_tiny_file_loads_dense_and_int4_alike(
     int4, _ = load_model(str(path), quantization="int4")
     expected = 4 * 2 + (output_qtype == QT.Q4_0) if qtype == QT.Q4_0 else 0  # wqkv, wo, w13, w2; output
     assert sum(isinstance(m, Int4Linear) for m in int4.modules()) == expected
+    # A head that is not Q4 is requantized to int8 per row; other dense matrices stay bfloat16 (cast in
+    # and out) while the activations and the KV cache are float32.
+    assert isinstance(int4.output, Int4Linear if output_qtype == QT.Q4_0 else Int8Linear)
+    dense_linears = [m for m in int4.modules() if isinstance(m, CastLinear)]
+    assert len(dense_linears) == (0 if qtype == QT.Q4_0 else 4 * 2)
+    assert all(m.weight.dtype == torch.bfloat16 for m in dense_linears) and int4.dtype == torch.float32
     ref = forward_logits(exact, IDS)
     assert ref.abs().max() > 0.1  # the random weights give non-trivial logits
     assert rel_err(forward_logits(dense, IDS), ref) < 2e-2

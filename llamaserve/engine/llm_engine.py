@@ -66,7 +66,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
-        dtype = next(model.parameters()).dtype
+        dtype = model.dtype
         self.num_blocks = kv_cache_blocks(model, config, dtype)
         self.runner = ModelRunner(model, config, self.num_blocks)
         self.block_manager = BlockManager(self.num_blocks, config.block_size)

@@ -32,7 +32,7 @@ class ModelRunner:
         self.model = model
         self.config = config
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = model.dtype
         cfg = model.config
         self.cache = PagedKVCache(
             cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -20,7 +20,7 @@ from llamaserve.loader.errors import ModelLoadError
 from llamaserve.loader.names import IGNORED, fused_rows, gguf_to_hf, hf_to_ours
 from llamaserve.loader.registry import ModelNotFoundError, resolve_model
 from llamaserve.model.llama import Transformer, rope_inv_freq
-from llamaserve.model.quant import INT4_TYPES, Int4Linear, Q4Weight
+from llamaserve.model.quant import INT4_TYPES, CastLinear, Int4Linear, Int8Linear, Q4Weight
 
 
 @dataclass(slots=True)
@@ -85,12 +85,14 @@ def _int4_plan(source: ModelSource) -> tuple[set[str], frozenset[str]]:
     return modules, frozenset(t.name for m in modules for t in by_module[m])
 
 
-def _use_int4(net: Transformer, modules: set[str], dtype: torch.dtype) -> None:
-    for name in modules:
+def _swap_linears(net: Transformer, make: Callable[[nn.Linear], nn.Module],
+                  only: set[str] | None = None) -> None:
+    """Replace the named linear modules (default: every one) with make(old)."""
+    names = only if only is not None else [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    for name in names:
         parent, _, child = name.rpartition(".")
-        old = cast(nn.Linear, net.get_submodule(name))
         setattr(net.get_submodule(parent) if parent else net, child,
-                Int4Linear(old.in_features, old.out_features, dtype))
+                make(cast(nn.Linear, net.get_submodule(name))))
 
 
 def _num_tensors(source: ModelSource) -> int:
@@ -139,12 +141,21 @@ def load_model(
     dev = torch.device(device)
     if quantization == "int4" and dev.type != "cpu":
         raise ModelLoadError("int4 weights run on the CPU only; use --quantization none on CUDA")
-    torch_dtype = torch.bfloat16 if quantization == "int4" and dtype == "auto" else \
-        resolve_dtype(dtype, cfg, dev)
-    int4_modules, keep_int4 = _int4_plan(source) if quantization == "int4" else (set(), frozenset())
+    int4 = quantization == "int4"
+    act_dtype = torch.float32 if int4 and dtype == "auto" else resolve_dtype(dtype, cfg, dev)
+    store_dtype = torch.bfloat16 if int4 and dtype == "auto" else act_dtype
+    kernel_dtype = torch.bfloat16 if act_dtype == torch.float32 else act_dtype
+    int4_modules, keep_int4 = _int4_plan(source) if int4 else (set(), frozenset())
     with torch.device("meta"):
-        net = Transformer(cfg).to(torch_dtype)  # shapes and dtypes only: no memory yet
-    _use_int4(net, int4_modules, torch_dtype)
+        net = Transformer(cfg).to(store_dtype)  # shapes and dtypes only: no memory yet
+        if store_dtype != act_dtype:
+            net.act_dtype = act_dtype
+            for norm in [net.norm, *(n for b in net.layers for n in (b.attention_norm, b.ffn_norm))]:
+                norm.to(act_dtype)
+            _swap_linears(net, lambda lin: CastLinear(lin.in_features, lin.out_features, bias=False,
+                                                      dtype=store_dtype))
+    _swap_linears(net, lambda lin: Int4Linear(lin.in_features, lin.out_features, kernel_dtype),
+                  int4_modules)
     # Allocate every parameter once, already in its final dtype (never a float32 copy of a 7B model).
     net = net.to_empty(device=dev)
     # to_empty left the RoPE table uninitialised: compute it again.
@@ -164,6 +175,8 @@ def load_model(
         raise ModelLoadError(f"int4 weights incomplete for {', '.join(unfinished[:3])}")
     source.reader = None  # close the memory map: its pages would otherwise stay in our RSS
     net.tie_weights()
+    if int4 and not isinstance(net.output, Int4Linear):  # 4 bits cost the head too much accuracy
+        net.output = Int8Linear(net.output.weight.detach(), kernel_dtype)
     net.eval()
     net.load_seconds = time.perf_counter() - start  # type: ignore[assignment]
     return net, source

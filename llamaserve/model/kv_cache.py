@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+CTX_ALIGN = 32
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -23,7 +25,8 @@ class AttentionMetadata:
 
 
 class PagedKVCache:
-    """One preallocated pool per layer: K and V of shape [num_blocks * block_size, kv_heads, head_dim]."""
+    """One preallocated pool per layer, [num_blocks * block_size, 2 * kv_heads, head_dim]: a slot holds a
+    token's keys (heads 0..kv_heads-1) then its values, so one write and one gather serve both."""
 
     def __init__(
         self,
@@ -37,9 +40,8 @@ class PagedKVCache:
     ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_blocks * block_size, 2 * num_kv_heads, head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(
@@ -61,7 +63,10 @@ def build_metadata(
     done = torch.tensor([c[1] for c in chunks], dtype=torch.long)  # [B]
     q_lens = torch.tensor([c[2] for c in chunks], dtype=torch.long)  # [B]
     ctx_lens = done + q_lens
-    Q, L = int(q_lens.max()), int(ctx_lens.max())
+    Q = int(q_lens.max())
+    # Pad the context to a multiple of 32 columns (masked): the attention kernel's arithmetic for a row then
+    # depends on its own context only, not on the longest one in the batch (batch invariance).
+    L = -(-int(ctx_lens.max()) // CTX_ALIGN) * CTX_ALIGN
     width = max(len(c[0]) for c in chunks)
     tables = torch.tensor([c[0] + [0] * (width - len(c[0])) for c in chunks], dtype=torch.long)  # [B, W]
     cols = torch.arange(L)

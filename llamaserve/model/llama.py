@@ -34,10 +34,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; cos, sin: [T, 1, D]. Rotate-half convention (HF layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """x: [T, H, D]; cos, sin: [T, 1, D] with sin's first half negated. Rotate-half convention (HF layout):
+    x * cos + cat(-x2, x1) * sin, written as x * cos + roll(x) * (-sin1, sin2) to save ops."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 class RMSNorm(nn.Module):
@@ -47,15 +46,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op, the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.layer = layer
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -70,30 +70,29 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # [T, 1, D]
         sin: torch.Tensor,
         meta: AttentionMetadata,
-        cache: PagedKVCache,
+        kv_pool: torch.Tensor,  # this layer's pool [slots, 2 * Hkv, D]: keys, then values
     ) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = apply_rope(q.view(T, self.n_heads, self.head_dim), cos, sin)  # [T, Hq, D]
-        k = apply_rope(k.view(T, self.n_kv, self.head_dim), cos, sin)  # [T, Hkv, D]
-        v = v.view(T, self.n_kv, self.head_dim)
-        k_pool, v_pool = cache.k[self.layer], cache.v[self.layer]
-        k_pool.index_copy_(0, meta.slot_mapping, k.to(k_pool.dtype))
-        v_pool.index_copy_(0, meta.slot_mapping, v.to(v_pool.dtype))
+        T, H, Hkv, D = x.shape[0], self.n_heads, self.n_kv, self.head_dim
+        qkv = self.wqkv(x)
+        qk = apply_rope(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)  # q and k heads at once
+        kv_new = torch.cat((qk[:, H:], qkv[:, (H + Hkv) * D :].view(T, Hkv, D)), dim=1)  # [T, 2 Hkv, D]
+        kv_pool.index_copy_(0, meta.slot_mapping, kv_new.to(kv_pool.dtype))
         B, Q = meta.num_seqs, meta.max_query_len
-        # Gather each sequence's context from the pool: [B, Hkv, L, D].
-        keys = k_pool[meta.ctx_slots].transpose(1, 2).to(q.dtype)
-        values = v_pool[meta.ctx_slots].transpose(1, 2).to(q.dtype)
+        # Gather each sequence's context from the pool: [B, 2 Hkv, L, D].
+        ctx = kv_pool.index_select(0, meta.ctx_slots.view(-1)).view(B, -1, 2 * Hkv, D)
+        ctx = ctx.transpose(1, 2).to(x.dtype)
+        keys, values = ctx[:, :Hkv], ctx[:, Hkv:]
+        q = qk[:, :H]
         if meta.q_dest is None:  # every sequence brings exactly one query token
-            qp = q.view(B, 1, self.n_heads, self.head_dim)
+            qp = q.reshape(B, 1, H, D)
         else:
-            qp = q.new_zeros(B * Q, self.n_heads, self.head_dim)
+            qp = q.new_zeros(B * Q, H, D)
             qp[meta.q_dest] = q
-            qp = qp.view(B, Q, self.n_heads, self.head_dim)
+            qp = qp.view(B, Q, H, D)
         out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys, values, attn_mask=meta.mask, enable_gqa=self.n_kv != self.n_heads
-        )  # [B, Hq, Q, D]
-        out = out.transpose(1, 2).reshape(B * Q, self.n_heads * self.head_dim)
+            qp.transpose(1, 2), keys, values, attn_mask=meta.mask, enable_gqa=Hkv != H
+        )  # [B, H, Q, D]
+        out = out.transpose(1, 2).reshape(B * Q, H * D)
         if meta.q_dest is not None:
             out = out[meta.q_dest]
         return self.wo(out)
@@ -112,15 +111,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attention = Attention(cfg, layer)
+        self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = MLP(cfg)
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, cache: PagedKVCache) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, meta, cache)
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_pool) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, meta, kv_pool)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -128,13 +127,19 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.act_dtype: torch.dtype | None = None  # activations' dtype when it differs from the weights'
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer(
             "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
         )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' (and the KV cache's) dtype."""
+        return self.act_dtype or self.norm.weight.dtype
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -148,13 +153,14 @@ class Transformer(nn.Module):
         cache: PagedKVCache,
     ) -> torch.Tensor:
         """Run T new tokens of B sequences; return the final hidden states [T, hidden]."""
-        x = self.tok_embeddings(input_ids)
+        x = self.tok_embeddings(input_ids).to(self.dtype)
         inv_freq = cast(torch.Tensor, self.inv_freq)  # a registered buffer
         freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2], float32
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, meta, cache)
+        c, s = freqs.cos(), freqs.sin()
+        cos = torch.cat((c, c), dim=-1)[:, None, :].to(x.dtype)  # [T, 1, D]
+        sin = torch.cat((-s, s), dim=-1)[:, None, :].to(x.dtype)  # first half negated (see apply_rope)
+        for layer, kv_pool in zip(self.layers, cache.kv, strict=True):
+            x = layer(x, cos, sin, meta, kv_pool)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

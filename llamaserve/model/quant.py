@@ -53,8 +53,19 @@ def q4_from_blocks(raw: np.ndarray, qtype: QT, rows: int, cols: int) -> Q4Weight
     )
 
 
+class CastLinear(nn.Linear):
+    """A dense linear whose weight is stored in another dtype than the activations (cast in and out)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
 class Int4Linear(nn.Module):
-    """y = x @ W.T with W kept as packed int4 (CPU kernel `_weight_int4pack_mm_for_cpu`)."""
+    """y = x @ W.T with W kept as packed int4 (CPU kernel `_weight_int4pack_mm_for_cpu`).
+
+    `dtype` is the kernel's activation dtype (bfloat16: its float32 path is ~10x slower); inputs are
+    cast to it and outputs back to the caller's dtype.
+    """
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -91,4 +102,28 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.dtype)
         y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W.T with W quantized to int8 per output row (CPU kernel `_weight_int8pack_mm`)."""
+
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype, chunk: int = 4096) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = w.shape[1], w.shape[0], dtype
+        qweight = torch.empty(w.shape, dtype=torch.int8)
+        scales = torch.empty(w.shape[0])
+        for start in range(0, w.shape[0], chunk):  # a float32 copy of a chunk at a time, not the whole head
+            rows = w[start : start + chunk].float()
+            # The kernel takes scales in the activation dtype: round them up to it first and quantize
+            # with the rounded value, so every row keeps |q| <= 127 and a half-step error at most.
+            scale = (rows.abs().amax(-1) / 127 * (1 + 2**-7)).clamp(min=1e-10).to(dtype).float()
+            qweight[start : start + chunk] = (rows / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+            scales[start : start + chunk] = scale
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales", scales.to(dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.dtype)
+        y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -8,6 +8,7 @@ import torch
 from llamaserve.config import EngineConfig
 from llamaserve.engine.llm_engine import LLMEngine
 from llamaserve.engine.sampling_params import SamplingParams
+from llamaserve.loader.weights import load_model
 from llamaserve.model.kv_cache import PagedKVCache, build_metadata
 
 QUESTIONS = [
@@ -40,6 +41,19 @@ def test_batched_greedy_equals_one_by_one(smollm_parts):
     print(f"batch invariance: {same}/16 identical")
     assert same == 16
     assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
+def test_int4_fast_path_is_batch_invariant_too(smollm_parts):
+    """The int4 path (4-bit kernels, int8 head, bfloat16 matmul inputs) keeps each row independent."""
+    model, _ = load_model(None, quantization="int4")
+    engine = make_engine((model, smollm_parts[1]))
+    prompts = [chat_ids(engine, q) for q in QUESTIONS]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    alone = [engine.generate([p], params)[0][0] for p in prompts]
+    together = [out[0] for out in engine.generate(prompts, params)]
+    same = sum(a == b for a, b in zip(alone, together, strict=True))
+    print(f"int4 batch invariance: {same}/16 identical")
+    assert same == 16
 
 
 def test_seeded_sampling_repeats_alone_and_in_a_batch(smollm_parts):

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from llamaserve.loader.weights import load_model
-from llamaserve.model.quant import Int4Linear, q4_from_blocks
+from llamaserve.model.quant import Int4Linear, Int8Linear, q4_from_blocks
 from tests.paged import forward_logits
 
 
@@ -44,7 +44,9 @@ def test_int4_model_stays_close_to_float32(hf_tokenizer):
     ref, _ = load_model(None)
     fast, _ = load_model(None, quantization="int4")
     int4 = [m for m in fast.modules() if isinstance(m, Int4Linear)]
-    assert len(int4) == 4 * 30  # wqkv, wo, w13, w2 of every layer (the Q8_0 tied head stays dense)
+    assert len(int4) == 4 * 30  # wqkv, wo, w13, w2 of every layer: the exact Q4_1 blocks
+    assert isinstance(fast.output, Int8Linear)  # the tied Q8_0 head, requantized to int8 per row
+    assert fast.dtype == torch.float32 and fast.tok_embeddings.weight.dtype == torch.bfloat16
     prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time"]
     errors, agree, total = [], 0, 0
     for p in prompts:
@@ -56,3 +58,18 @@ def test_int4_model_stays_close_to_float32(hf_tokenizer):
     print(f"int4 fast path: max relative logit error {max(errors):.4f}, top-1 agreement {agree}/{total}")
     assert max(errors) < 0.1
     assert agree >= 0.85 * total
+
+
+def test_int8_head_is_per_row_int8_and_close_to_dense():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 64, generator=g) * torch.linspace(0.01, 1.0, 300)[:, None]  # rows of varied scale
+    lin = Int8Linear(w, torch.bfloat16, chunk=128)  # three chunks, the last one partial
+    assert lin.qweight.dtype == torch.int8 and 125 <= int(lin.qweight.abs().max()) <= 127
+    scales = lin.scales.float()[:, None]
+    deq = lin.qweight.float() * scales
+    assert bool(((deq - w).abs() <= 0.51 * scales + 1e-6).all())  # round to nearest, per-row step
+    x = torch.randn(64, 64, generator=g)
+    ref = x.bfloat16().float() @ deq.T
+    out = lin(x)
+    assert out.dtype == torch.float32
+    assert ((out - ref).norm(dim=0) / ref.norm(dim=0)).max().item() < 1e-2
