@@ -175,7 +175,7 @@ def load_model(
         raise ModelLoadError(f"int4 weights incomplete for {', '.join(unfinished[:3])}")
     source.reader = None  # close the memory map: its pages would otherwise stay in our RSS
     net.tie_weights()
-    if int4 and not isinstance(net.output, Int4Linear):  # 4 bits cost the head too much accuracy
+    if int4 and isinstance(net.output, nn.Linear):  # 4 bits would cost the head too much accuracy
         net.output = Int8Linear(net.output.weight.detach(), kernel_dtype)
     net.eval()
     net.load_seconds = time.perf_counter() - start  # type: ignore[assignment]

@@ -108,6 +108,9 @@ class Int4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """y = x @ W.T with W quantized to int8 per output row (CPU kernel `_weight_int8pack_mm`)."""
 
+    qweight: torch.Tensor  # [N, K] int8
+    scales: torch.Tensor  # [N] in the activation dtype
+
     def __init__(self, w: torch.Tensor, dtype: torch.dtype, chunk: int = 4096) -> None:
         super().__init__()
         self.in_features, self.out_features, self.dtype = w.shape[1], w.shape[0], dtype
