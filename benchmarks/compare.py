@@ -116,7 +116,7 @@ def _ms(x: float | None) -> str:
 
 
 def section(ours: list[LevelMetrics], peer: list[LevelMetrics], commands: list[str], info: dict[str, str],
-            smoke: bool) -> str:
+            smoke: bool, commit: str) -> str:
     """The markdown section, from the two runs' metrics only."""
     title = "## Peer comparison: llamaserve vs llama.cpp llama-server"
     if smoke:
@@ -130,7 +130,7 @@ def section(ours: list[LevelMetrics], peer: list[LevelMetrics], commands: list[s
         f"llama.cpp {info.get('llama_cpp_version', '?')} at commit {info.get('llama_cpp_commit', '?')[:8]} "
         f"(from the llama-cpp-python {info.get('llama_cpp_python_sdist', '?')} sdist, "
         f"its {info.get('variant', '?')} build, {amx_note}); "
-        f"torch {importlib.metadata.version('torch')}; llamaserve {our_commit()}{nice}.",
+        f"torch {importlib.metadata.version('torch')}; llamaserve {commit}{nice}.",
         "Model: the embedded SmolLM2-135M-Instruct Q4_1 GGUF for both. The servers ran one after the other.",
         "", "Commands (the first runs the rest):", "", "```", *commands, "```", "",
         "| concurrency | ours tok/s | llama-server tok/s | ours / llama-server | ours TTFT p50 / p99 ms "
@@ -188,6 +188,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    commit = our_commit()  # before this run writes BENCHMARKS.md and the plot
     if not args.llama_server.is_file():
         sys.exit(f"compare: no {args.llama_server}; run benchmarks/build_llama_server.sh first")
     out_dir = ROOT / ".bench"
@@ -212,7 +213,7 @@ def main() -> None:
     commands = [shlex.join(c).replace(str(ROOT) + "/", "") for c in
                 (whole, ours_cmd, ours_bench, peer_cmd, peer_bench, compare_cmd)]
     (_, ours), (_, peer) = load_result(ours_json), load_result(peer_json)
-    text = section(ours, peer, commands, build_info(args.llama_server), args.smoke)
+    text = section(ours, peer, commands, build_info(args.llama_server), args.smoke, commit)
     write_section(args.markdown, text)
     print(f"\n{text}\ncompare: wrote {args.markdown} and {args.plot_out}")
 

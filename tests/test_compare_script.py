@@ -35,11 +35,12 @@ def test_section_has_the_measured_numbers_and_ratio() -> None:
     ours = [_level(1, 50.0, 120.0, 300.0), _level(16, 400.0, 900.0, 2500.0, failed=1)]
     peer = [_level(1, 200.0, 40.0, 60.0), _level(16, 320.0, 400.0, 1200.0)]
     info = {"llama_cpp_commit": "0c1e57098bba", "llama_cpp_version": "0.5.0", "variant": "amx"}
-    text = compare.section(ours, peer, ["cmd one", "cmd two"], info, smoke=False)
+    text = compare.section(ours, peer, ["cmd one", "cmd two"], info, smoke=False, commit="abc1234")
     assert "| 1 | 50.0 | 200.0 | 0.25x | 120 / 300 | 40 / 60 | 0, 0 |" in text
     assert "| 16 | 400.0 | 320.0 | 1.25x | 900 / 2,500 | 400 / 1,200 | 1, 0 |" in text
-    assert "commit 0c1e5709" in text and "cmd two" in text and "SMOKE" not in text
-    assert "SMOKE" in compare.section(ours, peer, [], info, smoke=True)
+    assert "commit 0c1e5709" in text and "llamaserve abc1234" in text and "cmd two" in text
+    assert "SMOKE" not in text
+    assert "SMOKE" in compare.section(ours, peer, [], info, smoke=True, commit="abc1234")
 
 
 def test_write_section_creates_replaces_and_keeps_other_content(tmp_path: Path) -> None:
