@@ -76,17 +76,20 @@ def engine_run(engine: Any, prompts: list[list[int]], max_tokens: int) -> dict[s
 
 
 def measure_engine(path: Path, quantization: str, streams: int, max_tokens: int) -> dict[str, Any]:
-    """Our engine in this process: bfloat16 on the CPU, a 1 GB KV cache, up to `streams` sequences."""
+    """Our engine in this process on the CPU, a 1 GB KV cache, up to `streams` sequences.
+
+    dtype "auto": with int4/int8 the dense weights are bfloat16 and the activations and KV cache float32;
+    without quantization, bfloat16 throughout (a 7B model)."""
     from llamaserve.config import EngineConfig
     from llamaserve.engine.llm_engine import LLMEngine
 
     config = EngineConfig(
-        quantization=quantization, dtype="bfloat16", device="cpu", kv_cache_memory=1.0, max_num_seqs=streams
+        quantization=quantization, dtype="auto", device="cpu", kv_cache_memory=1.0, max_num_seqs=streams
     )
     start = time.perf_counter()
     engine = LLMEngine.from_model(str(path), config)
     result: dict[str, Any] = {
-        "engine": f"llamaserve ({quantization}, bfloat16)",
+        "engine": f"llamaserve ({quantization}, {str(engine.runner.model.dtype).removeprefix('torch.')})",
         "load_s": round(time.perf_counter() - start, 2),  # weights, tokenizer (cached) and KV cache
         "weights_load_s": round(engine.runner.model.load_seconds, 2),
         "after_load": memory_gb(),

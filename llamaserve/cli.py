@@ -20,7 +20,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     p.add_argument("--quantization", default=d.quantization,
-                   help="none | int4 (keep GGUF Q4_0/Q4_1 weights 4-bit: less memory, faster CPU decode)")
+                   help="none | int4 (keep GGUF Q4_0/Q4_1 weights 4-bit) | int8 (every linear weight "
+                        "int8 per row, any checkpoint): CPU only, less memory, faster decode")
     p.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory, help="GB for the KV cache")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="cap on running sequences")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,

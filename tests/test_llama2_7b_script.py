@@ -145,4 +145,4 @@ def test_engine_measurement_counts_every_token(script: ModuleType, tmp_path: Pat
     assert result["one_stream"]["tokens"] == 5 and result["3_streams"]["tokens"] == 15
     assert result["after_generate"]["peak_rss_gb"] >= result["after_load"]["rss_gb"] > 0
     row = measure.table_row(result, "tiny", 3)
-    assert row.startswith("| llamaserve (int4, bfloat16) | tiny |") and row.count("|") == 8
+    assert row.startswith("| llamaserve (int4, float32) | tiny |") and row.count("|") == 8

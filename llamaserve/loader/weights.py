@@ -87,9 +87,9 @@ def _int4_plan(source: ModelSource) -> tuple[set[str], frozenset[str]]:
 
 def _swap_linears(net: Transformer, make: Callable[[nn.Linear], nn.Module],
                   only: set[str] | None = None) -> None:
-    """Replace the named linear modules (default: every one) with make(old)."""
-    names = only if only is not None else [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
-    for name in names:
+    """Replace the linear modules named in `only` (default: every one) with make(old)."""
+    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    for name in linears if only is None else [n for n in linears if n in only]:
         parent, _, child = name.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, child,
                 make(cast(nn.Linear, net.get_submodule(name))))
@@ -139,11 +139,11 @@ def load_model(
     source = inspect_model(model)
     cfg = source.config
     dev = torch.device(device)
-    if quantization == "int4" and dev.type != "cpu":
-        raise ModelLoadError("int4 weights run on the CPU only; use --quantization none on CUDA")
-    int4 = quantization == "int4"
-    act_dtype = torch.float32 if int4 and dtype == "auto" else resolve_dtype(dtype, cfg, dev)
-    store_dtype = torch.bfloat16 if int4 and dtype == "auto" else act_dtype
+    int4, quantized = quantization == "int4", quantization in ("int4", "int8")
+    if quantized and dev.type != "cpu":
+        raise ModelLoadError(f"{quantization} weights run on the CPU only; use --quantization none on CUDA")
+    act_dtype = torch.float32 if quantized and dtype == "auto" else resolve_dtype(dtype, cfg, dev)
+    store_dtype = torch.bfloat16 if quantized and dtype == "auto" else act_dtype
     kernel_dtype = torch.bfloat16 if act_dtype == torch.float32 else act_dtype
     int4_modules, keep_int4 = _int4_plan(source) if int4 else (set(), frozenset())
     with torch.device("meta"):
@@ -175,8 +175,11 @@ def load_model(
         raise ModelLoadError(f"int4 weights incomplete for {', '.join(unfinished[:3])}")
     source.reader = None  # close the memory map: its pages would otherwise stay in our RSS
     net.tie_weights()
-    if int4 and isinstance(net.output, nn.Linear):  # 4 bits would cost the head too much accuracy
-        net.output = Int8Linear(net.output.weight.detach(), kernel_dtype)
+    del params  # drop our references: a dense weight is freed as soon as its int8 copy replaces it
+    # int8: every dense linear (any source type) becomes int8 per row. int4: the head does (4 bits would
+    # cost it too much accuracy) and other non-Q4 matrices stay dense in bfloat16.
+    only = None if quantization == "int8" else {"output"} if int4 else set()
+    _swap_linears(net, lambda lin: Int8Linear(lin.weight.detach(), kernel_dtype), only)
     net.eval()
     net.load_seconds = time.perf_counter() - start  # type: ignore[assignment]
     return net, source

@@ -40,23 +40,42 @@ def test_int4_linear_matches_dense(qtype):
         assert err < tol, (dtype, err)
 
 
-def test_int4_model_stays_close_to_float32(hf_tokenizer):
-    ref, _ = load_model(None)
+@pytest.fixture(scope="module")
+def float32_model():
+    return load_model(None)[0]
+
+
+def drift(ref, fast, tokenizer) -> tuple[float, int, int]:
+    """Max relative logit error and top-1 agreement of `fast` against `ref` over four prompts."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time"]
+    errors, agree, total = [], 0, 0
+    for p in prompts:
+        ids = tokenizer.encode(p)
+        a, b = forward_logits(ref, ids), forward_logits(fast, ids).float()
+        errors.append(((a - b).abs().max() / a.abs().max()).item())
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(ids)
+    return max(errors), agree, total
+
+
+def test_int4_model_stays_close_to_float32(hf_tokenizer, float32_model):
     fast, _ = load_model(None, quantization="int4")
     int4 = [m for m in fast.modules() if isinstance(m, Int4Linear)]
     assert len(int4) == 4 * 30  # wqkv, wo, w13, w2 of every layer: the exact Q4_1 blocks
     assert isinstance(fast.output, Int8Linear)  # the tied Q8_0 head, requantized to int8 per row
     assert fast.dtype == torch.float32 and fast.tok_embeddings.weight.dtype == torch.bfloat16
-    prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time"]
-    errors, agree, total = [], 0, 0
-    for p in prompts:
-        ids = hf_tokenizer.encode(p)
-        a, b = forward_logits(ref, ids), forward_logits(fast, ids).float()
-        errors.append(((a - b).abs().max() / a.abs().max()).item())
-        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-        total += len(ids)
-    print(f"int4 fast path: max relative logit error {max(errors):.4f}, top-1 agreement {agree}/{total}")
-    assert max(errors) < 0.1
+    err, agree, total = drift(float32_model, fast, hf_tokenizer)
+    print(f"int4 fast path: max relative logit error {err:.4f}, top-1 agreement {agree}/{total}")
+    assert err < 0.1
+    assert agree >= 0.85 * total
+
+
+def test_int8_model_stays_close_to_float32(hf_tokenizer, float32_model):
+    fast, _ = load_model(None, quantization="int8")
+    assert sum(isinstance(m, Int8Linear) for m in fast.modules()) == 4 * 30 + 1  # every linear, the head too
+    err, agree, total = drift(float32_model, fast, hf_tokenizer)
+    print(f"int8 fast path: max relative logit error {err:.4f}, top-1 agreement {agree}/{total}")
+    assert err < 0.1
     assert agree >= 0.85 * total
 
 
