@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize
 
 from llamaserve.config import ModelConfig, RopeScaling
-from llamaserve.loader.gguf import read_config
+from llamaserve.loader.gguf import iter_tensors, read_config
 from llamaserve.loader.weights import inspect_model, load_model
 from tests.checkpoints import (
     K_QUANTS,
@@ -201,3 +202,29 @@ def test_llama2_7b_metadata_parses_without_tensors(tmp_path) -> None:
     assert source.kind == "gguf"
     assert source.config == LLAMA2_7B
     assert source.config.num_parameters == 6_738_415_616
+
+
+def mapped_rss_kb(path) -> int:
+    """Resident kB of this process's mappings of `path` (Linux /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:  # a mapping's header line
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_reading_every_tensor_leaves_the_file_pages_out_of_our_rss(smollm_path) -> None:
+    """A GGUF's pages are released tensor by tensor, so the load peak is not model + whole file."""
+    source = inspect_model(str(smollm_path))
+    size_kb = smollm_path.stat().st_size // 1024
+    total = 0
+    for _, value in iter_tensors(source.reader, source.config):
+        total += value.numel() if isinstance(value, torch.Tensor) else value.q.numel()
+    assert total > 100_000_000  # every tensor was read (135 M parameters)
+    resident = mapped_rss_kb(smollm_path.resolve())
+    print(f"file {size_kb} kB, still resident after reading it all: {resident} kB")
+    assert resident < size_kb // 10
