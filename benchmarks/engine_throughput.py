@@ -52,22 +52,27 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default="none", help="none | int4")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the forward (EngineConfig.compile)")
     ap.add_argument("--out", default="", help="also write the markdown section to this file")
     args = ap.parse_args()
+    start = time.perf_counter()
     engine = LLMEngine.from_model(None, EngineConfig(
-        kv_cache_memory=2.0, max_num_seqs=64, dtype=args.dtype, quantization=args.quantization))
+        kv_cache_memory=2.0, max_num_seqs=64, dtype=args.dtype, quantization=args.quantization,
+        compile=args.compile))
+    startup = time.perf_counter() - start
     rows = [run(engine, b, args.max_tokens) for b in args.batches]
     dtype = str(engine.runner.model.dtype).removeprefix("torch.")
     lines = [
         f"### Engine throughput (offline, embedded SmolLM2-135M-Instruct Q4_1, "
-        f"quantization {args.quantization})",
+        f"quantization {args.quantization}{', compiled' if args.compile else ''})",
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, activations {dtype}, quantization {args.quantization}. Greedy, "
-        f"ignore_eos, {args.max_tokens} tokens each.",
+        f"ignore_eos, {args.max_tokens} tokens each. "
+        f"Start-up (load{' and compile' if args.compile else ''}): {startup:.1f} s.",
         f"Command: `.venv/bin/python benchmarks/engine_throughput.py --batches "
         f"{' '.join(map(str, args.batches))} --max-tokens {args.max_tokens} "
-        f"--quantization {args.quantization}`",
+        f"--quantization {args.quantization}{' --compile' if args.compile else ''}`",
         "",
         "| batch | output tokens | seconds | tokens/s | vs batch 1 |",
         "|---|---|---|---|---|",

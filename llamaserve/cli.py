@@ -22,6 +22,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=d.quantization,
                    help="none | int4 (keep GGUF Q4_0/Q4_1 weights 4-bit) | int8 (every linear weight "
                         "int8 per row, any checkpoint): CPU only, less memory, faster decode")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model at start-up: faster steps on CPU, but the first start "
+                        "compiles for minutes (later starts reuse inductor's on-disk cache)")
     p.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory, help="GB for the KV cache")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="cap on running sequences")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
@@ -34,7 +37,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len, dtype=args.dtype,
-        device=args.device, quantization=args.quantization,
+        device=args.device, quantization=args.quantization, compile=args.compile,
     )
 
 

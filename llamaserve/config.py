@@ -141,6 +141,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
     quantization: str = "none"  # none | int4 (GGUF Q4_0/Q4_1 stay 4-bit) | int8 (every linear); CPU only
+    compile: bool = False  # torch.compile the forward, warmed up at start-up (slow first start)
     seed: int = 0
 
     def __post_init__(self) -> None:

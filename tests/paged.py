@@ -32,9 +32,8 @@ def new_seqs(
         seqs.append(Seq(list(p), blocks[start : start + n]))
         start += n
     cfg = net.config
-    dtype = net.tok_embeddings.weight.dtype
     cache = PagedKVCache(
-        cfg.num_hidden_layers, len(blocks), block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
+        cfg.num_hidden_layers, len(blocks), block_size, cfg.num_key_value_heads, cfg.head_dim, net.dtype
     )
     return cache, seqs
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.outputs import SchedulerOutput
-from llamaserve.model.kv_cache import PagedKVCache, build_metadata
+from llamaserve.model.kv_cache import AttentionMetadata, PagedKVCache, build_metadata
 from llamaserve.model.llama import Transformer
+
+log = logging.getLogger("llamaserve.engine")
 
 
 def kv_cache_blocks(model: Transformer, config: EngineConfig, dtype: torch.dtype) -> int:
@@ -38,6 +43,49 @@ class ModelRunner:
             cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads,
             cfg.head_dim, self.dtype, self.device,
         )
+        self.compiled = None
+        self.num_eager_fallbacks = 0  # compiled mode: steps whose shapes had no warmed-up graph
+        if config.compile:
+            self.compiled = torch.compile(model.forward, dynamic=True)
+            self._warm_up()
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                # Never compile while serving: a step of a shape class the warm-up missed runs eagerly.
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return self.compiled(ids, positions, meta, self.cache)
+            except RuntimeError as e:  # torch raises a plain RuntimeError for a refused recompile
+                if "fail_on_recompile" not in str(e):
+                    raise
+                self.num_eager_fallbacks += 1
+                log.warning("compiled forward has no graph for this step's shapes; running it eagerly")
+        return self.model(ids, positions, meta, self.cache)
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile every shape class a step can take: prefill and decode, one sequence and several.
+
+        The sizes are chosen pairwise different, so no accidental equality between two dimensions is
+        baked into a graph. The dummy K/V land in blocks no sequence owns yet (nothing runs before this).
+        """
+        bs, start = self.config.block_size, time.perf_counter()
+        per_seq = max(1, min(3, self.cache.num_blocks // 3))  # blocks per dummy sequence
+        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(3)]
+        q = min(per_seq * bs - 1, 7)
+        classes = [
+            [(tables[0], 0, q)],  # prefill, one sequence
+            [(tables[0], 0, q), (tables[1], 0, max(2, q - 2))],  # prefill / mixed, several
+            [(tables[0], q, 1)],  # decode, one sequence
+            [(tables[0], q, 1), (tables[1], q - 1, 1), (tables[2], q - 2, 1)],  # decode, several
+        ]
+        for chunks in classes:
+            meta = build_metadata(chunks, bs, self.device)
+            positions = [d + i for _, d, n in chunks for i in range(n)]
+            ids = torch.zeros(len(positions), dtype=torch.long, device=self.device)
+            self.compiled(ids, torch.tensor(positions, device=self.device), meta, self.cache)  # type: ignore[misc]
+        seconds = time.perf_counter() - start
+        log.info("compiled the forward for %d step shapes in %.1f s", len(classes), seconds)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
@@ -57,7 +105,7 @@ class ModelRunner:
         meta = build_metadata(chunks, self.config.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, pos, meta, self.cache)  # [T, hidden]
+        hidden = self._forward(input_ids, pos, meta)  # [T, hidden]
         if not last_rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)

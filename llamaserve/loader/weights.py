@@ -132,9 +132,14 @@ def load_model(
     model: str | None, dtype: str = "auto", device: str = "cpu", progress: bool = False,
     quantization: str = "none",
 ) -> tuple[Transformer, ModelSource]:
-    """Load weights one tensor at a time: peak memory stays near the final model size.
+    """Load weights one tensor at a time into parameters allocated once in their final dtype.
 
-    quantization "int4" keeps GGUF Q4_0/Q4_1 linear weights 4-bit in memory (CPU; bfloat16 activations).
+    Quantization (CPU only): "int4" keeps GGUF Q4_0/Q4_1 linear weights 4-bit in memory and its peak stays
+    near the final size; any other linear weight stays dense, except the head, which becomes int8 per
+    row. "int8" quantizes every linear weight (any GGUF type, or safetensors) to int8 per row after the
+    load, so its peak is the bfloat16 model. The quantized matmuls take bfloat16 inputs (the kernels'
+    float32 paths are ~10x slower); with dtype "auto" (or float32) everything else, activations, norms,
+    attention and the KV cache, is float32, and dense weights are stored in bfloat16.
     """
     source = inspect_model(model)
     cfg = source.config
@@ -143,7 +148,7 @@ def load_model(
     if quantized and dev.type != "cpu":
         raise ModelLoadError(f"{quantization} weights run on the CPU only; use --quantization none on CUDA")
     act_dtype = torch.float32 if quantized and dtype == "auto" else resolve_dtype(dtype, cfg, dev)
-    store_dtype = torch.bfloat16 if quantized and dtype == "auto" else act_dtype
+    store_dtype = torch.bfloat16 if quantized and act_dtype == torch.float32 else act_dtype
     kernel_dtype = torch.bfloat16 if act_dtype == torch.float32 else act_dtype
     int4_modules, keep_int4 = _int4_plan(source) if int4 else (set(), frozenset())
     with torch.device("meta"):
@@ -176,8 +181,8 @@ def load_model(
     source.reader = None  # close the memory map: its pages would otherwise stay in our RSS
     net.tie_weights()
     del params  # drop our references: a dense weight is freed as soon as its int8 copy replaces it
-    # int8: every dense linear (any source type) becomes int8 per row. int4: the head does (4 bits would
-    # cost it too much accuracy) and other non-Q4 matrices stay dense in bfloat16.
+    # int8: every dense linear (any source type) becomes int8 per row. int4: a head that is not Q4 does
+    # (requantizing it to 4 bits cost too much accuracy); other non-Q4 matrices stay dense.
     only = None if quantization == "int8" else {"output"} if int4 else set()
     _swap_linears(net, lambda lin: Int8Linear(lin.weight.detach(), kernel_dtype), only)
     net.eval()

@@ -60,7 +60,6 @@ class Attention(nn.Module):
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        self.split = (q_size, kv_size, kv_size)
         self.wqkv = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=False)  # fused q, k, v
         self.wo = nn.Linear(q_size, cfg.hidden_size, bias=False)
 

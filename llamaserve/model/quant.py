@@ -120,7 +120,9 @@ class Int8Linear(nn.Module):
             rows = w[start : start + chunk].float()
             # The kernel takes scales in the activation dtype: round them up to it first and quantize
             # with the rounded value, so every row keeps |q| <= 127 and a half-step error at most.
-            scale = (rows.abs().amax(-1) / 127 * (1 + 2**-7)).clamp(min=1e-10).to(dtype).float()
+            # (Clamped to the dtype's smallest normal number: all-zero rows, and no float16 subnormals.)
+            scale = (rows.abs().amax(-1) / 127 * (1 + 2**-7)).clamp(min=torch.finfo(dtype).tiny)
+            scale = scale.to(dtype).float()
             qweight[start : start + chunk] = (rows / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
             scales[start : start + chunk] = scale
         self.register_buffer("qweight", qweight, persistent=False)

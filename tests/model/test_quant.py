@@ -92,3 +92,6 @@ def test_int8_head_is_per_row_int8_and_close_to_dense():
     out = lin(x)
     assert out.dtype == torch.float32
     assert ((out - ref).norm(dim=0) / ref.norm(dim=0)).max().item() < 1e-2
+    # All-zero and tiny rows in float16: finite scales, zeros stay zeros (no 0/0).
+    half = Int8Linear(torch.cat([torch.zeros(2, 64), torch.full((2, 64), 1e-7)]), torch.float16)
+    assert bool(torch.isfinite(half.scales).all()) and int(half.qweight.abs().max()) <= 1
