@@ -154,20 +154,21 @@ def iter_tensors(
             value = (value.permute_rows(functools.partial(unpermute_qk, n_heads=heads))
                      if isinstance(value, Q4Weight) else unpermute_qk(value, heads))
         yield name, value
-        _drop_pages(reader, int(t.data_offset), int(t.n_bytes))
+        _drop_pages(reader, int(t.data_offset) + int(t.n_bytes))
 
 
-def _drop_pages(reader: GGUFReader, offset: int, length: int) -> None:
-    """Tell the kernel we are done with a tensor's pages of the memory map (the caller has copied it).
+def _drop_pages(reader: GGUFReader, end: int) -> None:
+    """Tell the kernel we are done with the memory map's pages up to `end` (the caller has copied them).
 
     Otherwise every page read stays in this process's RSS until the map closes: a 3.8 GB file would add
-    3.8 GB to the peak. The pages stay in the page cache; touching them again just maps them back.
+    3.8 GB to the peak. Everything before `end` is dropped each time, not just the last tensor: a fault
+    on the next tensor may map a whole large page-cache folio that reaches back over earlier ones. The
+    pages stay in the page cache; touching them again just maps them back.
     """
     mm = getattr(reader.data, "_mmap", None)  # numpy.memmap keeps its mmap.mmap there
     if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
         return
-    start = offset - offset % mmap.PAGESIZE
     try:
-        mm.madvise(mmap.MADV_DONTNEED, start, offset + length - start)
+        mm.madvise(mmap.MADV_DONTNEED, 0, min(end, len(mm)))
     except (OSError, ValueError):
         pass  # advice only: never fail a load over it
