@@ -30,30 +30,21 @@ def chat_ids(engine: LLMEngine, q: str) -> list[int]:
     return engine.tokenizer.encode_chat([{"role": "user", "content": q}])
 
 
-def test_batched_greedy_equals_one_by_one(smollm_parts):
-    """Determinism under batching: each request's greedy text does not depend on its batch-mates."""
-    engine = make_engine(smollm_parts)
-    prompts = [chat_ids(engine, q) for q in QUESTIONS]
-    params = SamplingParams(max_tokens=24, temperature=0.0)
-    alone = [engine.generate([p], params)[0][0] for p in prompts]
-    together = [out[0] for out in engine.generate(prompts, params)]
-    same = sum(a == b for a, b in zip(alone, together, strict=True))
-    print(f"batch invariance: {same}/16 identical")
-    assert same == 16
-    assert engine.block_manager.num_free_blocks == engine.num_blocks
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_batched_greedy_equals_one_by_one(smollm_parts, quantization):
+    """Determinism under batching: each request's greedy text does not depend on its batch-mates.
 
-
-def test_int4_fast_path_is_batch_invariant_too(smollm_parts):
-    """The int4 path (4-bit kernels, int8 head, bfloat16 matmul inputs) keeps each row independent."""
-    model, _ = load_model(None, quantization="int4")
+    int4 covers the fast path too (4-bit kernels, int8 head, bfloat16 matmul inputs)."""
+    model = smollm_parts[0] if quantization == "none" else load_model(None, quantization=quantization)[0]
     engine = make_engine((model, smollm_parts[1]))
     prompts = [chat_ids(engine, q) for q in QUESTIONS]
     params = SamplingParams(max_tokens=24, temperature=0.0)
     alone = [engine.generate([p], params)[0][0] for p in prompts]
     together = [out[0] for out in engine.generate(prompts, params)]
     same = sum(a == b for a, b in zip(alone, together, strict=True))
-    print(f"int4 batch invariance: {same}/16 identical")
+    print(f"{quantization} batch invariance: {same}/16 identical")
     assert same == 16
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
 def test_seeded_sampling_repeats_alone_and_in_a_batch(smollm_parts):
