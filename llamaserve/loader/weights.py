@@ -20,6 +20,7 @@ from llamaserve.loader.errors import ModelLoadError
 from llamaserve.loader.names import IGNORED, fused_rows, gguf_to_hf, hf_to_ours
 from llamaserve.loader.registry import ModelNotFoundError, resolve_model
 from llamaserve.model.llama import Transformer, rope_inv_freq
+from llamaserve.model.native import FusedDecoder
 from llamaserve.model.quant import INT4_TYPES, CastLinear, Int4Linear, Int8Linear, Q4Weight
 
 
@@ -186,6 +187,7 @@ def load_model(
     only = None if quantization == "int8" else {"output"} if int4 else set()
     _swap_linears(net, lambda lin: Int8Linear(lin.weight.detach(), kernel_dtype), only)
     net.eval()
+    net.fused_decode = FusedDecoder.for_model(net)  # None unless every layer runs on our kernels
     net.load_seconds = time.perf_counter() - start  # type: ignore[assignment]
     return net, source
 

@@ -22,6 +22,7 @@ class AttentionMetadata:
     q_dest: torch.Tensor | None  # [T] long: row of each token in the padded [B * Q] query; None if Q == 1
     num_seqs: int
     max_query_len: int
+    ctx_lens: torch.Tensor | None = None  # [B] long: context length of each sequence, new tokens included
 
 
 class PagedKVCache:
@@ -92,4 +93,5 @@ def build_metadata(
         q_dest=None if q_dest is None else q_dest.to(device),
         num_seqs=B,
         max_query_len=Q,
+        ctx_lens=ctx_lens.to(device),
     )

@@ -11,6 +11,7 @@ from torch import nn
 
 from llamaserve.config import ModelConfig, RopeScaling
 from llamaserve.model.kv_cache import AttentionMetadata, PagedKVCache
+from llamaserve.model.native import FusedDecoder
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -127,6 +128,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.act_dtype: torch.dtype | None = None  # activations' dtype when it differs from the weights'
+        # Set by the loader where every layer runs on our native kernels: decode steps in one C call.
+        self.fused_decode: FusedDecoder | None = None
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -158,8 +161,13 @@ class Transformer(nn.Module):
         c, s = freqs.cos(), freqs.sin()
         cos = torch.cat((c, c), dim=-1)[:, None, :].to(x.dtype)  # [T, 1, D]
         sin = torch.cat((-s, s), dim=-1)[:, None, :].to(x.dtype)  # first half negated (see apply_rope)
-        for layer, kv_pool in zip(self.layers, cache.kv, strict=True):
-            x = layer(x, cos, sin, meta, kv_pool)
+        fused = self.fused_decode
+        if (fused is not None and meta.q_dest is None and meta.ctx_lens is not None
+                and not torch.compiler.is_compiling() and fused.usable(cache.kv)):
+            x = fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, cache.kv)
+        else:
+            for layer, kv_pool in zip(self.layers, cache.kv, strict=True):
+                x = layer(x, cos, sin, meta, kv_pool)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Weight-only int4 linear layers: GGUF Q4_0 / Q4_1 blocks stay 4-bit in memory (group size 32)."""
+"""Weight-only int4 / int8 linear layers: GGUF Q4_0 / Q4_1 blocks stay 4-bit in memory (group size 32)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
 from torch import nn
+
+from llamaserve.model import native
 
 GROUP = 32
 INT4_TYPES = frozenset({QT.Q4_0, QT.Q4_1})
@@ -61,10 +63,12 @@ class CastLinear(nn.Linear):
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W.T with W kept as packed int4 (CPU kernel `_weight_int4pack_mm_for_cpu`).
+    """y = x @ W.T with W kept 4-bit (group size 32, a scale and a zero per group).
 
-    `dtype` is the kernel's activation dtype (bfloat16: its float32 path is ~10x slower); inputs are
-    cast to it and outputs back to the caller's dtype.
+    With our native kernels (model/native.py) the weight keeps GGUF's block layout and the activations
+    are quantized to int8 per block of 32; otherwise torch's `_weight_int4pack_mm_for_cpu` runs, with
+    inputs cast to `dtype` (bfloat16: its float32 path is ~10x slower). Outputs come back in the
+    caller's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
@@ -72,9 +76,12 @@ class Int4Linear(nn.Module):
         if in_features % GROUP:
             raise ValueError(f"int4 weights need in_features divisible by {GROUP}, got {in_features}")
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.native = native.available() and native.supports(out_features, in_features)
         self._pending: Q4Weight | None = None  # staging for the rows loaded so far (allocated on first use)
         self._rows_loaded = 0
-        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
+        # torch's format: packed (int4pack) and scales_zeros; ours: qs (nibbles), d and m (float16).
+        for name in ("packed", "qs", "d", "m"):
+            self.register_buffer(name, torch.empty(0, dtype=torch.uint8), persistent=False)
         self.register_buffer("scales_zeros", torch.empty(0, dtype=dtype), persistent=False)
 
     def load_rows(self, start: int, w: Q4Weight) -> None:
@@ -90,30 +97,43 @@ class Int4Linear(nn.Module):
         self._rows_loaded += end - start
         if self._rows_loaded == self.out_features:
             p = self._pending
-            self.packed = torch._convert_weight_to_int4pack_for_cpu(p.q.to(torch.int32), 8)
-            sz = torch.stack([p.scale, p.zero], dim=-1).transpose(0, 1)  # [K / 32, N, 2]
-            self.scales_zeros = sz.contiguous().to(self.dtype)
+            if self.native:  # w = d * q + m
+                self.qs, self.d, self.m = native.pack_q4(p.q, p.scale, p.zero - 8 * p.scale)
+            else:
+                self.packed = torch._convert_weight_to_int4pack_for_cpu(p.q.to(torch.int32), 8)
+                sz = torch.stack([p.scale, p.zero], dim=-1).transpose(0, 1)  # [K / 32, N, 2]
+                self.scales_zeros = sz.contiguous().to(self.dtype)
             self._pending = None
 
     @property
     def loaded(self) -> bool:
-        return self.packed.numel() > 0
+        return (self.qs if self.native else self.packed).numel() > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(self.dtype)
-        y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales_zeros)
+        flat = x.reshape(-1, self.in_features)
+        if self.native:
+            y = native.linear_q4(flat.float(), self.qs, self.d, self.m)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(flat.to(self.dtype), self.packed, GROUP, self.scales_zeros)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
 class Int8Linear(nn.Module):
-    """y = x @ W.T with W quantized to int8 per output row (CPU kernel `_weight_int8pack_mm`)."""
+    """y = x @ W.T with W quantized to int8: per block of 32 with our native kernels (model/native.py),
+    else per output row for torch's `_weight_int8pack_mm` (inputs cast to `dtype`)."""
 
-    qweight: torch.Tensor  # [N, K] int8
-    scales: torch.Tensor  # [N] in the activation dtype
+    qweight: torch.Tensor  # int8: native [N / 8, K / 32, 256] (native.quantize_q8), torch [N, K]
+    scales: torch.Tensor  # native: [N / 8, K / 32, 8] float16; torch: [N] in the activation dtype
 
     def __init__(self, w: torch.Tensor, dtype: torch.dtype, chunk: int = 4096) -> None:
         super().__init__()
         self.in_features, self.out_features, self.dtype = w.shape[1], w.shape[0], dtype
+        self.native = native.available() and native.supports(self.out_features, self.in_features)
+        if self.native:
+            qweight, scales = native.quantize_q8(w, chunk)
+            self.register_buffer("qweight", qweight, persistent=False)
+            self.register_buffer("scales", scales, persistent=False)
+            return
         qweight = torch.empty(w.shape, dtype=torch.int8)
         scales = torch.empty(w.shape[0])
         for start in range(0, w.shape[0], chunk):  # a float32 copy of a chunk at a time, not the whole head
@@ -128,7 +148,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", qweight, persistent=False)
         self.register_buffer("scales", scales.to(dtype), persistent=False)
 
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K] this layer multiplies by."""
+        if self.native:
+            return native.dequantize_q8(self.qweight, self.scales)
+        return self.qweight.float() * self.scales.float()[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(self.dtype)
-        y = torch._weight_int8pack_mm(flat, self.qweight, self.scales)
+        flat = x.reshape(-1, self.in_features)
+        if self.native:
+            y = native.linear_q8(flat.float(), self.qweight, self.scales)
+        else:
+            y = torch._weight_int8pack_mm(flat.to(self.dtype), self.qweight, self.scales)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from llamaserve.loader.weights import load_model
+from llamaserve.model import native
 from llamaserve.model.quant import Int4Linear, Int8Linear, q4_from_blocks
 from tests.paged import forward_logits
 
@@ -22,15 +23,28 @@ def test_q4_blocks_unpack_exactly(qtype):
     np.testing.assert_array_equal(q.dequantize().numpy(), dequantize(raw, qtype).reshape(64, 96))
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels(request, monkeypatch):
+    """Run a test with our native kernels and again with torch's (the fallback where ours can't build)."""
+    if request.param == "native" and not native.available():
+        pytest.skip("native kernels unavailable here")
+    if request.param == "torch":
+        monkeypatch.setattr(native, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1])
-def test_int4_linear_matches_dense(qtype):
+def test_int4_linear_matches_dense(qtype, kernels):
     w = np.random.default_rng(1).standard_normal((128, 256)).astype(np.float32)
     raw = quantize(w, qtype)
     dense = torch.from_numpy(dequantize(raw, qtype).reshape(128, 256))
     x = torch.randn(7, 256)
     ref = x @ dense.T
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    # Native: activations rounded to int8 per block of 32 whatever the dtype. Torch: exact in float32.
+    tols = (2e-2, 2e-2) if kernels == "native" else (1e-5, 2e-2)
+    for dtype, tol in zip((torch.float32, torch.bfloat16), tols, strict=True):
         lin = Int4Linear(256, 128, dtype)
+        assert lin.native == (kernels == "native")
         assert not lin.loaded
         lin.load_rows(0, q4_from_blocks(raw[:64], qtype, 64, 256))
         assert not lin.loaded  # half the rows are staged, nothing packed yet
@@ -58,40 +72,51 @@ def drift(ref, fast, tokenizer) -> tuple[float, int, int]:
     return max(errors), agree, total
 
 
-def test_int4_model_stays_close_to_float32(hf_tokenizer, float32_model):
+def test_int4_model_stays_close_to_float32(hf_tokenizer, float32_model, kernels):
     fast, _ = load_model(None, quantization="int4")
     int4 = [m for m in fast.modules() if isinstance(m, Int4Linear)]
     assert len(int4) == 4 * 30  # wqkv, wo, w13, w2 of every layer: the exact Q4_1 blocks
-    assert isinstance(fast.output, Int8Linear)  # the tied Q8_0 head, requantized to int8 per row
+    assert all(m.native == (kernels == "native") for m in int4)
+    assert isinstance(fast.output, Int8Linear)  # the tied Q8_0 head, requantized to int8
     assert fast.dtype == torch.float32 and fast.tok_embeddings.weight.dtype == torch.bfloat16
     err, agree, total = drift(float32_model, fast, hf_tokenizer)
-    print(f"int4 fast path: max relative logit error {err:.4f}, top-1 agreement {agree}/{total}")
+    print(f"int4 fast path ({kernels}): max relative logit error {err:.4f}, top-1 agreement {agree}/{total}")
     assert err < 0.1
     assert agree >= 0.85 * total
 
 
-def test_int8_model_stays_close_to_float32(hf_tokenizer, float32_model):
+def test_int8_model_stays_close_to_float32(hf_tokenizer, float32_model, kernels):
     fast, _ = load_model(None, quantization="int8")
     assert sum(isinstance(m, Int8Linear) for m in fast.modules()) == 4 * 30 + 1  # every linear, the head too
     err, agree, total = drift(float32_model, fast, hf_tokenizer)
-    print(f"int8 fast path: max relative logit error {err:.4f}, top-1 agreement {agree}/{total}")
+    print(f"int8 fast path ({kernels}): max relative logit error {err:.4f}, top-1 agreement {agree}/{total}")
     assert err < 0.1
     assert agree >= 0.85 * total
 
 
-def test_int8_head_is_per_row_int8_and_close_to_dense():
+def test_int8_linear_rounds_per_row_or_block_and_stays_close_to_dense(kernels):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(300, 64, generator=g) * torch.linspace(0.01, 1.0, 300)[:, None]  # rows of varied scale
+    w = torch.randn(304, 64, generator=g) * torch.linspace(0.01, 1.0, 304)[:, None]  # rows of varied scale
     lin = Int8Linear(w, torch.bfloat16, chunk=128)  # three chunks, the last one partial
+    assert lin.native == (kernels == "native")
     assert lin.qweight.dtype == torch.int8 and 125 <= int(lin.qweight.abs().max()) <= 127
-    scales = lin.scales.float()[:, None]
-    deq = lin.qweight.float() * scales
-    assert bool(((deq - w).abs() <= 0.51 * scales + 1e-6).all())  # round to nearest, per-row step
+    deq = lin.dequantize()
+    # torch: one scale per row; native: one per block of 32 values (two per row here)
+    step = deq.abs().view(304, -1, 32 if lin.native else 64).amax(-1) / 127
+    assert step.shape == (304, 2 if lin.native else 1)
+    bound = 0.51 * step.repeat_interleave(64 // step.shape[1], dim=1) * (1 + 2**-6) + 1e-6
+    assert bool(((deq - w).abs() <= bound).all())  # round to nearest, one step per scale
     x = torch.randn(64, 64, generator=g)
     ref = x.bfloat16().float() @ deq.T
     out = lin(x)
     assert out.dtype == torch.float32
     assert ((out - ref).norm(dim=0) / ref.norm(dim=0)).max().item() < 1e-2
     # All-zero and tiny rows in float16: finite scales, zeros stay zeros (no 0/0).
-    half = Int8Linear(torch.cat([torch.zeros(2, 64), torch.full((2, 64), 1e-7)]), torch.float16)
+    half = Int8Linear(torch.cat([torch.zeros(4, 64), torch.full((4, 64), 1e-7)]), torch.float16)
     assert bool(torch.isfinite(half.scales).all()) and int(half.qweight.abs().max()) <= 1
+    assert bool((half(torch.ones(1, 64)).abs() < 1e-4).all())
+
+
+def test_shapes_the_native_kernels_cannot_take_use_torchs():
+    assert not Int8Linear(torch.randn(12, 64), torch.bfloat16).native  # rows not a multiple of 8
+    assert not Int4Linear(64, 12, torch.bfloat16).native
