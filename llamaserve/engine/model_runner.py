@@ -49,8 +49,12 @@ class ModelRunner:
             self.compiled = torch.compile(model.forward, dynamic=True)
             self._warm_up()
 
+    def _fused(self, meta: AttentionMetadata) -> bool:
+        """Decode steps of a model on our native kernels run in one C call: nothing to compile there."""
+        return self.model.fused_decode is not None and meta.q_dest is None
+
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.compiled is not None:
+        if self.compiled is not None and not self._fused(meta):
             try:
                 # Never compile while serving: a step of a shape class the warm-up missed runs eagerly.
                 with torch.compiler.set_stance("fail_on_recompile"):
@@ -81,6 +85,8 @@ class ModelRunner:
         ]
         for chunks in classes:
             meta = build_metadata(chunks, bs, self.device)
+            if self._fused(meta):
+                continue
             positions = [d + i for _, d, n in chunks for i in range(n)]
             ids = torch.zeros(len(positions), dtype=torch.long, device=self.device)
             self.compiled(ids, torch.tensor(positions, device=self.device), meta, self.cache)  # type: ignore[misc]
