@@ -179,6 +179,52 @@ int ls_q8_linear(const float *x, int64_t M, int64_t K, const int8_t *q, const ui
 #include <omp.h>
 #include <string.h>
 
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    float s = hsum8(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy_f32(float w, const float *v, float *out, int64_t n) {  // out += w * v
+    const __m256 wv = _mm256_set1_ps(w);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+    for (; i < n; i++) out[i] += w * v[i];
+}
+
+// exp for 8 floats (Cephes' expf polynomial, about 1 ulp), x clamped to [-87.3, 88.3].
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 enum { P_POOL, P_ATTN_NORM, P_FFN_NORM, P_LINEARS };  // per layer: then 4 x (kind, q, d, m)
 #define PER_LAYER (P_LINEARS + 4 * 4)
 
@@ -237,29 +283,37 @@ int ls_decode_layers(const int64_t *cfg, float eps, float *x, const float *cos, 
             float mx = -INFINITY;
             for (int64_t t = 0; t < n; t++) {
                 const float *k = pool + ctx_slots[b * Lctx + t] * 2 * Hkv * D + kvh * D;
-                float dot = 0.0f;
-                for (int64_t i = 0; i < D; i++) dot += q[i] * k[i];
-                sc[t] = dot * scale;
+                sc[t] = dot_f32(q, k, D) * scale;
                 mx = sc[t] > mx ? sc[t] : mx;
             }
             float sum = 0.0f;
-            for (int64_t t = 0; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+            int64_t t = 0;
+            for (; t + 8 <= n; t += 8)
+                _mm256_storeu_ps(sc + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), _mm256_set1_ps(mx))));
+            for (; t < n; t++) sc[t] = expf(sc[t] - mx);
+            for (t = 0; t < n; t++) sum += sc[t];
             for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
             for (int64_t t = 0; t < n; t++) {
                 const float *v = pool + ctx_slots[b * Lctx + t] * 2 * Hkv * D + (Hkv + kvh) * D;
                 const float w = sc[t] / sum;
-                for (int64_t i = 0; i < D; i++) out[i] += w * v[i];
+                axpy_f32(w, v, out, D);
             }
         }
         if ((rc = run_linear(p + P_LINEARS + 4, att, B, H * D, dim, tmp))) break;
         for (int64_t i = 0; i < B * dim; i++) x[i] += tmp[i];
         rms_norm(x, (const float *)p[P_FFN_NORM], eps, B, dim, xn);
         if ((rc = run_linear(p + P_LINEARS + 8, xn, B, dim, 2 * inter, h13))) break;
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < inter; i++) {
-                const float g = h13[b * 2 * inter + i];
-                act[b * inter + i] = g / (1.0f + expf(-g)) * h13[b * 2 * inter + inter + i];
+        for (int64_t b = 0; b < B; b++) {  // SiLU(gate) * up
+            const float *gate = h13 + b * 2 * inter, *up = gate + inter;
+            float *a = act + b * inter;
+            int64_t i = 0;
+            for (; i + 8 <= inter; i += 8) {
+                const __m256 g = _mm256_loadu_ps(gate + i);
+                const __m256 sig = _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+                _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(g, sig), _mm256_loadu_ps(up + i)));
             }
+            for (; i < inter; i++) a[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        }
         if ((rc = run_linear(p + P_LINEARS + 12, act, B, inter, dim, tmp))) break;
         for (int64_t i = 0; i < B * dim; i++) x[i] += tmp[i];
     }
