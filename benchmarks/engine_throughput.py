@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", default="none", help="none | int4")
+    ap.add_argument("--quantization", default="none", help="none | int4 | int8")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward (EngineConfig.compile)")
     ap.add_argument("--out", default="", help="also write the markdown section to this file")
     args = ap.parse_args()
@@ -62,15 +62,20 @@ def main() -> None:
     startup = time.perf_counter() - start
     rows = [run(engine, b, args.max_tokens) for b in args.batches]
     dtype = str(engine.runner.model.dtype).removeprefix("torch.")
+    model = engine.runner.model
+    kernels = "" if args.quantization == "none" else (
+        ", our native kernels" + (" with fused decode" if model.fused_decode is not None else "")
+        if any(getattr(m, "native", False) for m in model.modules()) else ", torch's kernels")
+    env = "LLAMASERVE_NATIVE=0 " if os.environ.get("LLAMASERVE_NATIVE") == "0" else ""
     lines = [
         f"### Engine throughput (offline, embedded SmolLM2-135M-Instruct Q4_1, "
-        f"quantization {args.quantization}{', compiled' if args.compile else ''})",
+        f"quantization {args.quantization}{kernels}{', compiled' if args.compile else ''})",
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, activations {dtype}, quantization {args.quantization}. Greedy, "
         f"ignore_eos, {args.max_tokens} tokens each. "
         f"Start-up (load{' and compile' if args.compile else ''}): {startup:.1f} s.",
-        f"Command: `.venv/bin/python benchmarks/engine_throughput.py --batches "
+        f"Command: `{env}.venv/bin/python benchmarks/engine_throughput.py --batches "
         f"{' '.join(map(str, args.batches))} --max-tokens {args.max_tokens} "
         f"--quantization {args.quantization}{' --compile' if args.compile else ''}`",
         "",

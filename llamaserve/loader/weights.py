@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -35,6 +36,8 @@ class ModelSource:
     tensor_types: Counter = field(default_factory=Counter)
     reader: Any = None  # the open GGUFReader (parsing its header is slow: it is read once)
 
+
+log = logging.getLogger("llamaserve")
 
 def inspect_model(model: str | None) -> ModelSource:
     """Resolve and read a model's config (no tensor data is touched)."""
@@ -188,6 +191,11 @@ def load_model(
     _swap_linears(net, lambda lin: Int8Linear(lin.weight.detach(), kernel_dtype), only)
     net.eval()
     net.fused_decode = FusedDecoder.for_model(net)  # None unless every layer runs on our kernels
+    if quantized:
+        quant = [m for m in net.modules() if isinstance(m, Int4Linear | Int8Linear)]
+        log.info("%s: %d of %d quantized linears on our native kernels, decode steps %s", quantization,
+                 sum(m.native for m in quant), len(quant),
+                 "fused in one C call" if net.fused_decode is not None else "layer by layer")
     net.load_seconds = time.perf_counter() - start  # type: ignore[assignment]
     return net, source
 

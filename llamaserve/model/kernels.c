@@ -8,7 +8,7 @@
 // come out in one vector with no horizontal sums. Two weight formats (see native.py's packers):
 //   q4: per (group, block) 128 bytes; byte [c][r][e] holds row r's value 4c + e in its low nibble and
 //       value 4 (c + 4) + e in its high nibble (c < 4); values 0..15 and w = d * q + m with float16 d, m
-//       per row and block (GGUF Q4_1; Q4_0 has m = -8 d);
+//       per row and block (GGUF Q4_1; for Q4_0, m = -8 d and m is passed as NULL);
 //   q8: per (group, block) 256 bytes, [c][r][e] = row r's value 4c + e (c < 8), int8 in -127..127, and
 //       w = d * q with a float16 d per row and block (GGUF Q8_0).
 // Groups of rows are split between the OpenMP threads; libgomp is the one torch has loaded, so both
@@ -80,7 +80,8 @@ AI void q4_group(const uint8_t *w, const uint16_t *wd, const uint16_t *wm, int64
             wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         }
         const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + 8 * b)));
-        const __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + 8 * b)));
+        const __m256 m8 = wm ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + 8 * b)))
+                             : _mm256_mul_ps(d8, _mm256_set1_ps(-8.0f));  // Q4_0: m = -8 d, not stored
         for (int j = 0; j < MT; j++) {
             const int8_t *a = aq + j * K + b * QK;
             // Per 16-bit lane at most 8 chunks x 2 x 15 x 127 = 30480: no overflow before the widening.
@@ -137,8 +138,8 @@ static int linear(int is_q4, const float *x, int64_t M, int64_t K, const void *w
                 // A constant row count per call, so that the accumulators stay in registers.
 #define GROUP(MT)                                                                                      \
     if (is_q4)                                                                                         \
-        q4_group((const uint8_t *)wq + g * nb * 128, wd + g * nb * 8, wm + g * nb * 8, nb, aq + m0 * K, \
-                 ad + m0 * nb, as + m0 * nb, K, MT, y + m0 * N + 8 * g, N);                            \
+        q4_group((const uint8_t *)wq + g * nb * 128, wd + g * nb * 8, wm ? wm + g * nb * 8 : NULL, nb,    \
+                 aq + m0 * K, ad + m0 * nb, as + m0 * nb, K, MT, y + m0 * N + 8 * g, N);              \
     else                                                                                               \
         q8_group((const int8_t *)wq + g * nb * 256, wd + g * nb * 8, nb, aq + m0 * K, ad + m0 * nb, K, \
                  MT, y + m0 * N + 8 * g, N);                                                           \

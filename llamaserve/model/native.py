@@ -125,12 +125,15 @@ def supports(out_features: int, in_features: int) -> bool:
 
 
 def pack_q4(
-    q: torch.Tensor, d: torch.Tensor, m: torch.Tensor
+    q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Values 0..15 [N, K] with w = d * q + m per block ([N, K / 32] each) -> the kernel's layout."""
+    """Values 0..15 [N, K] with w = d * q + m per block ([N, K / 32] each) -> the kernel's layout.
+
+    m None means m = -8 d (GGUF Q4_0): no m is stored (an empty tensor), 2 bytes a block saved."""
     t = _interleave(q.to(torch.uint8))
     qs = (t[:, :, :4] | (t[:, :, 4:] << 4)).contiguous()  # [N / 8, K / 32, 4, 8, 4]: 128 bytes a block
-    return qs.view(qs.shape[0], qs.shape[1], 128), _group_scales(d), _group_scales(m)
+    ms = torch.empty(0, dtype=torch.float16) if m is None else _group_scales(m)
+    return qs.view(qs.shape[0], qs.shape[1], 128), _group_scales(d), ms
 
 
 def dequantize_q4(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -138,8 +141,9 @@ def dequantize_q4(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.T
     t = qs.view(qs.shape[0], qs.shape[1], 4, 8, 4)
     q = _deinterleave(torch.cat([t & 0x0F, t >> 4], dim=2))
     n, k = q.shape
-    blocks = q.float().view(n, -1, GROUP) * _ungroup_scales(d).float()[..., None]
-    return (blocks + _ungroup_scales(m).float()[..., None]).view(n, k)
+    scale = _ungroup_scales(d).float()
+    zero = -8 * scale if m.numel() == 0 else _ungroup_scales(m).float()
+    return (q.float().view(n, -1, GROUP) * scale[..., None] + zero[..., None]).view(n, k)
 
 
 def quantize_q8(w: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +197,7 @@ def q4_linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tenso
     _check_shapes(x, qs, n)
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     _check(lib.ls_q4_linear(x.data_ptr(), x.shape[0], x.shape[1], qs.data_ptr(), d.data_ptr(),
-                            m.data_ptr(), n, y.data_ptr()))
+                            m.data_ptr() if m.numel() else None, n, y.data_ptr()))
     return y
 
 
@@ -247,7 +251,7 @@ def _linear_entry(module: Any) -> list[int] | None:  # an Int4Linear or Int8Line
     if not getattr(module, "native", False):
         return None
     if hasattr(module, "qs"):  # Int4Linear
-        return [1, module.qs.data_ptr(), module.d.data_ptr(), module.m.data_ptr()]
+        return [1, module.qs.data_ptr(), module.d.data_ptr(), module.m.data_ptr() if module.m.numel() else 0]
     return [0, module.qweight.data_ptr(), module.scales.data_ptr(), 0]  # Int8Linear
 
 

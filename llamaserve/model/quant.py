@@ -79,7 +79,8 @@ class Int4Linear(nn.Module):
         self.native = native.available() and native.supports(out_features, in_features)
         self._pending: Q4Weight | None = None  # staging for the rows loaded so far (allocated on first use)
         self._rows_loaded = 0
-        # torch's format: packed (int4pack) and scales_zeros; ours: qs (nibbles), d and m (float16).
+        # torch's format: packed (int4pack) and scales_zeros; ours: qs (nibbles), d and m (float16; m
+        # empty for Q4_0, whose m is -8 d).
         for name in ("packed", "qs", "d", "m"):
             self.register_buffer(name, torch.empty(0, dtype=torch.uint8), persistent=False)
         self.register_buffer("scales_zeros", torch.empty(0, dtype=dtype), persistent=False)
@@ -98,7 +99,8 @@ class Int4Linear(nn.Module):
         if self._rows_loaded == self.out_features:
             p = self._pending
             if self.native:  # w = d * q + m
-                self.qs, self.d, self.m = native.pack_q4(p.q, p.scale, p.zero - 8 * p.scale)
+                q4_0 = not bool(p.zero.any())  # w = d * (q - 8): m = -8 d is implied, not stored
+                self.qs, self.d, self.m = native.pack_q4(p.q, p.scale, None if q4_0 else p.zero - 8 * p.scale)
             else:
                 self.packed = torch._convert_weight_to_int4pack_for_cpu(p.q.to(torch.int32), 8)
                 sz = torch.stack([p.scale, p.zero], dim=-1).transpose(0, 1)  # [K / 32, N, 2]

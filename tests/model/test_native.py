@@ -130,3 +130,16 @@ def test_mismatched_shapes_are_refused_not_read_out_of_bounds():
         native.q4_linear(torch.zeros(1, 32), qs, d, m)
     with pytest.raises(ValueError, match="does not fit"):
         native.q4_linear(torch.zeros(1, 64, dtype=torch.float64), qs, d, m)
+
+
+@needs_native
+def test_q4_0_stores_no_m_and_gives_the_same_result():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 16, (16, 64), dtype=torch.uint8, generator=g)
+    d = torch.rand(16, 2, generator=g) * 0.1
+    implied = native.pack_q4(q, d, None)
+    stored = native.pack_q4(q, d, -8 * d)
+    assert implied[2].numel() == 0 and stored[2].numel() == 16 * 2
+    assert torch.equal(native.dequantize_q4(*implied), native.dequantize_q4(*stored))
+    x = torch.randn(3, 64, generator=g)
+    assert torch.equal(native.q4_linear(x, *implied), native.q4_linear(x, *stored))
