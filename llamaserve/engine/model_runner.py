@@ -95,12 +95,34 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run every scheduled chunk; return float32 logits [S, vocab] for the S chunks that sample."""
+        """Run every scheduled chunk; return float32 logits [S, vocab] for the S chunks that sample.
+
+        With a fused decode path, one-token chunks always take it and longer chunks the layer path, in
+        two forwards when a step has both: a sequence's arithmetic then never depends on whether a
+        prefill happened to share its step (deterministic output under batching).
+        """
+        items = list(sched.scheduled)
+        singles = [i for i, item in enumerate(items) if item.num_new_tokens == 1]
+        if self.model.fused_decode is None or not singles or len(singles) == len(items):
+            return self._execute(items)
+        single = set(singles)
+        rest = [i for i in range(len(items)) if i not in single]
+        parts = {}  # item index -> its logits row
+        for group in (singles, rest):
+            logits = self._execute([items[i] for i in group])
+            for row, i in enumerate(i for i in group if items[i].samples):
+                parts[i] = logits[row]
+        sampling = [i for i, item in enumerate(items) if item.samples]
+        if not sampling:
+            return torch.empty((0, self.model.config.vocab_size), dtype=torch.float32, device=self.device)
+        return torch.stack([parts[i] for i in sampling])
+
+    def _execute(self, items: list) -> torch.Tensor:
         ids: list[int] = []
         positions: list[int] = []
         chunks = []
         last_rows: list[int] = []  # row in the flat batch of each sampling chunk's last token
-        for item in sched.scheduled:
+        for item in items:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start : start + n])
@@ -108,6 +130,8 @@ class ModelRunner:
             chunks.append((seq.block_table, start, n))
             if item.samples:
                 last_rows.append(len(ids) - 1)
+        if not chunks:
+            return torch.empty((0, self.model.config.vocab_size), dtype=torch.float32, device=self.device)
         meta = build_metadata(chunks, self.config.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)

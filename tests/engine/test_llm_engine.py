@@ -47,6 +47,45 @@ def test_batched_greedy_equals_one_by_one(smollm_parts, quantization):
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
+def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts):
+    """int4 runs decode tokens fused (one C call) and prefill chunks layer by layer; a step holding both
+    runs them as two forwards, so a sequence's decode never changes path when a prefill joins it."""
+    model = load_model(None, quantization="int4")[0]
+    assert model.fused_decode is not None
+    engine = make_engine((model, smollm_parts[1]))
+    prompts = [chat_ids(engine, q) for q in QUESTIONS[:4]]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    alone = [engine.generate([p], params)[0][0] for p in prompts]
+    runner, forwards, calls = engine.runner, [], []  # forwards per step; each forward's chunk sizes
+    inner, outer = runner._execute, runner.execute
+
+    def forward(items):
+        calls.append([i.num_new_tokens for i in items])
+        return inner(items)
+
+    def execute(sched):
+        before = len(calls)
+        out = outer(sched)
+        forwards.append(len(calls) - before)
+        return out
+
+    runner._execute, runner.execute = forward, execute
+    tokens: dict[str, list[int]] = {}
+    engine.add_request("r0", prompts[0], params)
+    for step in range(40):
+        if step in (3, 6, 7):  # the others arrive while r0 (and then r1) decode
+            rid = f"r{(3, 6, 7).index(step) + 1}"
+            engine.add_request(rid, prompts[int(rid[1])], params)
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+        if not engine.has_unfinished:
+            break
+    assert forwards.count(2) >= 3  # three arrivals: each prefill ran beside decodes, as its own forward
+    assert all(all(n == 1 for n in c) or all(n > 1 for n in c) for c in calls)  # never one mixed forward
+    assert [tokens[f"r{i}"] for i in range(4)] == alone
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+
+
 def test_seeded_sampling_repeats_alone_and_in_a_batch(smollm_parts):
     engine = make_engine(smollm_parts)
     prompt = chat_ids(engine, "Tell me a story about a dragon.")
