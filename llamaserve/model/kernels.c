@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define QK 32
 #define MTILE 4     // activation rows that share one pass over a weight row's blocks
@@ -63,7 +64,12 @@ static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *q, float
 }
 
 #define AI static inline __attribute__((always_inline))
-#define BCAST4(p) _mm256_set1_epi32(*(const int32_t *)(p))  // 4 int8 activations to all 8 lanes
+static inline __m256i bcast4(const int8_t *p) {  // 4 int8 activations to all 8 lanes
+    int32_t v;
+    memcpy(&v, p, sizeof v);  // (no aliasing of int8 memory through an int32 pointer)
+    return _mm256_set1_epi32(v);
+}
+#define BCAST4(p) bcast4(p)
 
 // 8 rows (one group) x MT activation rows: y[j][r] for r < 8.
 AI void q4_group(const uint8_t *w, const uint16_t *wd, const uint16_t *wm, int64_t nb, const int8_t *aq,

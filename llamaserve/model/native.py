@@ -53,6 +53,8 @@ def _build() -> Path:
     out_dir = _cache_dir()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK | os.X_OK):
+            raise PermissionError(f"{out_dir} is not writable")
     except OSError:
         out_dir = Path(tempfile.gettempdir()) / f"llamaserve-{os.getuid()}"
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +262,8 @@ class FusedDecoder:
 
     Used where all of a model's layer matmuls run on our kernels and activations and KV cache are
     float32 (the int4/int8 CPU paths); prefill steps keep the torch path. `for_model` returns None
-    for any other model.
+    for any other model. It keeps the addresses of the model's norm weights and quantized buffers:
+    the model must not be moved or converted (`.to()`, `.float()`, a new state dict) afterwards.
     """
 
     def __init__(self, model: Any, entries: list[list[int]]) -> None:  # a Transformer

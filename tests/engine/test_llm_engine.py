@@ -9,6 +9,7 @@ from llamaserve.config import EngineConfig
 from llamaserve.engine.llm_engine import LLMEngine
 from llamaserve.engine.sampling_params import SamplingParams
 from llamaserve.loader.weights import load_model
+from llamaserve.model import native
 from llamaserve.model.kv_cache import PagedKVCache, build_metadata
 
 QUESTIONS = [
@@ -47,6 +48,7 @@ def test_batched_greedy_equals_one_by_one(smollm_parts, quantization):
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
 
+@pytest.mark.skipif(not native.available(), reason="no AVX2 CPU or no C compiler: no fused decode")
 def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts):
     """int4 runs decode tokens fused (one C call) and prefill chunks layer by layer; a step holding both
     runs them as two forwards, so a sequence's decode never changes path when a prefill joins it."""

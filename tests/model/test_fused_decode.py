@@ -17,6 +17,9 @@ def decode_both_ways(net, prompts: list[list[int]], steps: int = 6) -> list[tupl
     """Prefill, then decode greedily in one batch; each decode step runs layer by layer, then fused
     (same slots: the fused run overwrites the new token's K/V). Returns (relative error, same argmax)."""
     fused = net.fused_decode
+    runs = []
+    fused_run = fused.run
+    fused.run = lambda *args: (runs.append(1), fused_run(*args))[1]
     cache, seqs = new_seqs(net, prompts, extra=steps + 1)
     logits = step(net, cache, [(s, len(s.ids)) for s in seqs], last_only=True)
     results = []
@@ -35,6 +38,8 @@ def decode_both_ways(net, prompts: list[list[int]], steps: int = 6) -> list[tupl
                 results.append((rel_err(a, b), bool(a.argmax() == b.argmax())))
     finally:
         net.fused_decode = fused
+        fused.run = fused_run
+    assert len(runs) == steps  # the fused path did run, once per decode step
     return results
 
 

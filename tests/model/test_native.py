@@ -26,7 +26,7 @@ def act_quant_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @needs_native
 @pytest.mark.parametrize("m_rows", [1, 2, 3, 5, 16, 131])  # tiles of 4 with tails; > 128 rows: two chunks
-@pytest.mark.parametrize("k", [96, 256])  # 3 blocks (odd: the unrolled batch-1 loop's tail) and 8
+@pytest.mark.parametrize("k", [96, 256])  # 3 blocks (odd) and 8
 def test_q4_linear_matches_float32_within_activation_rounding(m_rows, k):
     g = torch.Generator().manual_seed(m_rows * 1000 + k)
     n = 72
