@@ -169,6 +169,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 16 (smoke: 1)")
     ap.add_argument("--num-prompts", type=int, default=None, help="default 32 (smoke: 4)")
     ap.add_argument("--max-tokens", type=int, default=None, help="default 128 (smoke: 16)")
+    ap.add_argument("--prompts-jsonl", type=Path, default=None,
+                    help="prompts for `llamaserve bench` (default: its built-in set)")
+    ap.add_argument("--endpoint", choices=["chat", "completions"], default=None,
+                    help="`llamaserve bench --endpoint` (default: its own)")
     ap.add_argument("--smoke", action="store_true",
                     help="a short end-to-end check; writes under .bench/, never BENCHMARKS.md")
     ap.add_argument("--markdown", type=Path, default=None, help="default BENCHMARKS.md (smoke: .bench/)")
@@ -196,6 +200,10 @@ def main() -> None:
     gguf = str(default_model_path())
     bench_args = ["--concurrency", *map(str, args.concurrency), "--num-prompts", str(args.num_prompts),
                   "--max-tokens", str(args.max_tokens), "--ignore-eos", "--temperature", "0"]
+    if args.prompts_jsonl is not None:
+        bench_args += ["--prompts-jsonl", str(args.prompts_jsonl)]
+    if args.endpoint is not None:
+        bench_args += ["--endpoint", args.endpoint]
     suffix = "-smoke" if args.smoke else ""
     p1 = free_port()
     ours_cmd = [str(BIN / "llamaserve"), "serve", "--host", "127.0.0.1", "--port", str(p1),
