@@ -190,6 +190,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def load_args(args: argparse.Namespace) -> list[str]:
+    """The `llamaserve bench` options both servers get: the same load for each."""
+    out = ["--concurrency", *map(str, args.concurrency), "--num-prompts", str(args.num_prompts),
+           "--max-tokens", str(args.max_tokens), "--ignore-eos", "--temperature", "0"]
+    if args.prompts_jsonl is not None:
+        out += ["--prompts-jsonl", str(args.prompts_jsonl)]
+    if args.endpoint is not None:
+        out += ["--endpoint", args.endpoint]
+    return out
+
+
 def main() -> None:
     args = parse_args()
     commit = our_commit()  # before this run writes BENCHMARKS.md and the plot
@@ -198,12 +209,7 @@ def main() -> None:
     out_dir = ROOT / ".bench"
     out_dir.mkdir(exist_ok=True)
     gguf = str(default_model_path())
-    bench_args = ["--concurrency", *map(str, args.concurrency), "--num-prompts", str(args.num_prompts),
-                  "--max-tokens", str(args.max_tokens), "--ignore-eos", "--temperature", "0"]
-    if args.prompts_jsonl is not None:
-        bench_args += ["--prompts-jsonl", str(args.prompts_jsonl)]
-    if args.endpoint is not None:
-        bench_args += ["--endpoint", args.endpoint]
+    bench_args = load_args(args)
     suffix = "-smoke" if args.smoke else ""
     p1 = free_port()
     ours_cmd = [str(BIN / "llamaserve"), "serve", "--host", "127.0.0.1", "--port", str(p1),

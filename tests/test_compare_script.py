@@ -62,3 +62,13 @@ def test_write_section_appends_without_markers_and_refuses_a_broken_pair(tmp_pat
     md.write_text(f"{compare.END}\n{compare.START}\n")
     with pytest.raises(SystemExit):
         compare.write_section(md, "x\n")
+
+
+def test_both_servers_get_the_same_load_and_the_optional_prompt_file(monkeypatch) -> None:
+    monkeypatch.setattr("sys.argv", ["compare.py", "--concurrency", "1", "16"])
+    plain = compare.load_args(compare.parse_args())
+    assert plain == ["--concurrency", "1", "16", "--num-prompts", "32", "--max-tokens", "128", "--ignore-eos",
+                     "--temperature", "0"]
+    monkeypatch.setattr("sys.argv", ["compare.py", "--prompts-jsonl", "p.jsonl", "--endpoint", "completions"])
+    args = compare.load_args(compare.parse_args())
+    assert args[-4:] == ["--prompts-jsonl", "p.jsonl", "--endpoint", "completions"]
