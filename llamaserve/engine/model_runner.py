@@ -49,12 +49,8 @@ class ModelRunner:
             self.compiled = torch.compile(model.forward, dynamic=True)
             self._warm_up()
 
-    def _fused(self, meta: AttentionMetadata) -> bool:
-        """Decode steps of a model on our native kernels run in one C call: nothing to compile there."""
-        return self.model.fused_decode is not None and meta.q_dest is None
-
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.compiled is not None and not self._fused(meta):
+        if self.compiled is not None and not self.model.runs_fused(meta):  # fused: nothing to compile
             try:
                 # Never compile while serving: a step of a shape class the warm-up missed runs eagerly.
                 with torch.compiler.set_stance("fail_on_recompile"):
@@ -85,7 +81,7 @@ class ModelRunner:
         ]
         for chunks in classes:
             meta = build_metadata(chunks, bs, self.device)
-            if self._fused(meta):
+            if self.model.runs_fused(meta):
                 continue
             positions = [d + i for _, d, n in chunks for i in range(n)]
             ids = torch.zeros(len(positions), dtype=torch.long, device=self.device)
@@ -102,20 +98,16 @@ class ModelRunner:
         prefill happened to share its step (deterministic output under batching).
         """
         items = list(sched.scheduled)
-        singles = [i for i, item in enumerate(items) if item.num_new_tokens == 1]
-        if self.model.fused_decode is None or not singles or len(singles) == len(items):
+        if self.model.fused_decode is None:
             return self._execute(items)
-        single = set(singles)
-        rest = [i for i in range(len(items)) if i not in single]
-        parts = {}  # item index -> its logits row
-        for group in (singles, rest):
-            logits = self._execute([items[i] for i in group])
-            for row, i in enumerate(i for i in group if items[i].samples):
-                parts[i] = logits[row]
-        sampling = [i for i, item in enumerate(items) if item.samples]
-        if not sampling:
-            return torch.empty((0, self.model.config.vocab_size), dtype=torch.float32, device=self.device)
-        return torch.stack([parts[i] for i in sampling])
+        groups = [[i for i, item in enumerate(items) if (item.num_new_tokens == 1) == single]
+                  for single in (True, False)]
+        groups = [g for g in groups if g]
+        if len(groups) < 2:
+            return self._execute(items)
+        logits = torch.cat([self._execute([items[i] for i in g]) for g in groups])
+        order = torch.tensor([i for g in groups for i in g if items[i].samples])  # item index of each row
+        return logits[order.argsort()]  # rows back in the items' order
 
     def _execute(self, items: list) -> torch.Tensor:
         ids: list[int] = []

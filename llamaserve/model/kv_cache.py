@@ -22,7 +22,7 @@ class AttentionMetadata:
     q_dest: torch.Tensor | None  # [T] long: row of each token in the padded [B * Q] query; None if Q == 1
     num_seqs: int
     max_query_len: int
-    ctx_lens: torch.Tensor | None = None  # [B] long: context length of each sequence, new tokens included
+    ctx_lens: torch.Tensor  # [B] long: context length of each sequence, new tokens included
 
 
 class PagedKVCache:

@@ -161,14 +161,17 @@ class Transformer(nn.Module):
         c, s = freqs.cos(), freqs.sin()
         cos = torch.cat((c, c), dim=-1)[:, None, :].to(x.dtype)  # [T, 1, D]
         sin = torch.cat((-s, s), dim=-1)[:, None, :].to(x.dtype)  # first half negated (see apply_rope)
-        fused = self.fused_decode
-        if (fused is not None and meta.q_dest is None and meta.ctx_lens is not None
-                and not torch.compiler.is_compiling() and fused.usable(cache.kv)):
-            x = fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, cache.kv)
+        if self.fused_decode is not None and self.runs_fused(meta) and not torch.compiler.is_compiling():
+            x = self.fused_decode.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, cache.kv)
         else:
             for layer, kv_pool in zip(self.layers, cache.kv, strict=True):
                 x = layer(x, cos, sin, meta, kv_pool)
         return self.norm(x)
+
+    def runs_fused(self, meta: AttentionMetadata) -> bool:
+        """Whether a step runs all layers in one native call: one new token per sequence, on a model
+        whose layers all run on our kernels (prefill chunks take the layer-by-layer path)."""
+        return self.fused_decode is not None and meta.q_dest is None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""

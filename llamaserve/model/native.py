@@ -300,12 +300,11 @@ class FusedDecoder:
     def _pointers(self, pools: list[torch.Tensor]) -> torch.Tensor:
         key = tuple(p.data_ptr() for p in pools)
         if self._table is None or self._table[0] != key:
+            if any(p.dtype != torch.float32 or not p.is_contiguous() or p.is_cuda for p in pools):
+                raise ValueError("fused decode needs contiguous float32 CPU KV pools (the model's dtype)")
             rows = [[pool, *entry] for pool, entry in zip(key, self.entries, strict=True)]
             self._table = (key, torch.tensor(rows, dtype=torch.int64))
         return self._table[1]
-
-    def usable(self, pools: list[torch.Tensor]) -> bool:
-        return all(p.dtype == torch.float32 and p.is_contiguous() and p.device.type == "cpu" for p in pools)
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
             ctx_slots: torch.Tensor, ctx_lens: torch.Tensor, pools: list[torch.Tensor]) -> torch.Tensor:
