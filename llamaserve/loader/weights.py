@@ -25,6 +25,8 @@ from llamaserve.model.llama import Transformer, rope_inv_freq
 from llamaserve.model.native import FusedDecoder
 from llamaserve.model.quant import INT4_TYPES, CastLinear, Int4Linear, Int8Linear, Q4Weight
 
+log = logging.getLogger("llamaserve")
+
 
 @dataclass(slots=True)
 class ModelSource:
@@ -37,8 +39,6 @@ class ModelSource:
     tensor_types: Counter = field(default_factory=Counter)
     reader: Any = None  # the open GGUFReader (parsing its header is slow: it is read once)
 
-
-log = logging.getLogger("llamaserve")
 
 def inspect_model(model: str | None) -> ModelSource:
     """Resolve and read a model's config (no tensor data is touched)."""
@@ -140,11 +140,12 @@ def load_model(
     """Load weights one tensor at a time into parameters allocated once in their final dtype.
 
     Quantization (CPU only): "int4" keeps GGUF Q4_0/Q4_1 linear weights 4-bit in memory and its peak stays
-    near the final size; any other linear weight stays dense, except the head, which becomes int8 per
-    row. "int8" quantizes every linear weight (any GGUF type, or safetensors) to int8 per row after the
-    load, so its peak is the bfloat16 model. The quantized matmuls take bfloat16 inputs (the kernels'
-    float32 paths are ~10x slower); with dtype "auto" (or float32) everything else, activations, norms,
-    attention and the KV cache, is float32, and dense weights are stored in bfloat16.
+    near the final size; any other linear weight stays dense, except the head, which becomes int8.
+    "int8" quantizes every linear weight (any GGUF type, or safetensors) to int8 after the load, so its
+    peak is the bfloat16 model. The quantized matmuls run our native kernels where they build (int8
+    per block of 32, activations rounded to int8; model/native.py), else torch's (int8 per row,
+    bfloat16 inputs). With dtype "auto" (or float32) activations, norms, attention and the KV cache are
+    float32, and dense weights are stored in bfloat16.
     """
     source = inspect_model(model)
     cfg = source.config
@@ -186,7 +187,7 @@ def load_model(
     source.reader = None  # close the memory map: its pages would otherwise stay in our RSS
     net.tie_weights()
     del params  # drop our references: a dense weight is freed as soon as its int8 copy replaces it
-    # int8: every dense linear (any source type) becomes int8 per row. int4: a head that is not Q4 does
+    # int8: every dense linear (any source type) becomes int8. int4: a head that is not Q4 does
     # (requantizing it to 4 bits cost too much accuracy); other non-Q4 matrices stay dense.
     only = None if quantization == "int8" else {"output"} if int4 else set()
     _swap_linears(net, lambda lin: Int8Linear(lin.weight.detach(), kernel_dtype), only)
