@@ -17,6 +17,7 @@ import torch
 from llamaserve.config import EngineConfig
 from llamaserve.engine.llm_engine import LLMEngine
 from llamaserve.engine.sampling_params import SamplingParams
+from llamaserve.model import native
 
 TOPICS = ["the ocean", "a robot", "autumn", "a lighthouse", "mountains", "a city at night", "coffee",
           "the moon", "a library", "trains", "a garden", "winter", "music", "a desert", "friendship",
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--quantization", default="none", help="none | int4 | int8")
+    ap.add_argument("--quantization", default="auto", help="auto | none | int4 | int8")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward (EngineConfig.compile)")
     ap.add_argument("--out", default="", help="also write the markdown section to this file")
     args = ap.parse_args()
@@ -64,8 +65,9 @@ def main() -> None:
     dtype = str(engine.runner.model.dtype).removeprefix("torch.")
     model = engine.runner.model
     kernels = "" if args.quantization == "none" else (
-        ", our native kernels" + (" with fused decode" if model.fused_decode is not None else "")
-        if any(getattr(m, "native", False) for m in model.modules()) else ", torch's kernels")
+        f", {native.info()}" + (", fused decode" if engine.runner.fused is not None else "")
+        if any(getattr(m, "native_weight", None) is not None for m in model.modules())
+        else ", torch's kernels")
     env = "LLAMASERVE_NATIVE=0 " if os.environ.get("LLAMASERVE_NATIVE") == "0" else ""
     lines = [
         f"### Engine throughput (offline, embedded SmolLM2-135M-Instruct Q4_1, "

@@ -1,12 +1,14 @@
 """Llama 2 7B-shaped random GGUF files; load time, memory and tok/s of our engine (or of llama-server).
 
 Usage:
-  .venv/bin/python benchmarks/llama2_7b.py --out /tmp/l2.gguf --qtype Q4_0 [--layers 32] [--measure]
+  .venv/bin/python benchmarks/llama2_7b.py --out /tmp/l2.gguf --qtype Q4_K_M [--layers 32] [--measure]
       [--llama-server BIN] [--reuse]
 
 The file has Llama 2 7B's metadata, shapes and (synthetic) SentencePiece vocabulary; its quantized blocks are
 random bytes with small fp16 scales, written tensor by tensor, so the writer's memory stays near one tensor.
 As in llama.cpp's own files, token_embd has the linears' type and output is Q6_K (--output-qtype).
+Q4_K_M is llama.cpp's recipe: Q4_K everywhere except attn_v and ffn_down of the first and last eighth of
+the layers and every third layer between, which are Q6_K (llama.cpp's use_more_bits).
 Measurements live in llama2_7b_measure.py, next to this file.
 """
 
@@ -25,6 +27,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 QTYPES = {"Q4_0": QT.Q4_0, "Q8_0": QT.Q8_0, "Q4_K": QT.Q4_K}
+RECIPES = {"Q4_K_M": QT.Q4_K}  # base type; attn_v / ffn_down of use_more_bits layers are Q6_K
 OUTPUT_QTYPES = {**QTYPES, "Q6_K": QT.Q6_K}
 FILE_TYPES = {
     QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
@@ -95,23 +98,27 @@ def add_metadata(
 
 # -- random tensors ------------------------------------------------------------------------------------
 def tensor_plan(
-    layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int, qtype: QT, output_qtype: QT
+    layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int, qtype: QT, output_qtype: QT,
+    more_bits_type: QT | None = None,
 ) -> list[tuple[str, tuple[int, ...], QT]]:
-    """(GGUF name, numpy shape [rows, cols] or [n], type) in llama.cpp's order."""
+    """(GGUF name, numpy shape [rows, cols] or [n], type) in llama.cpp's order; more_bits_type: the type
+    of attn_v and ffn_down in llama.cpp's use_more_bits layers (the _M recipes), else None."""
     kv = hidden // heads * kv_heads
     plan: list[tuple[str, tuple[int, ...], QT]] = [("token_embd.weight", (vocab, hidden), qtype)]
     for i in range(layers):
         b = f"blk.{i}."
+        more = layers // 8 > i or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
+        big = more_bits_type if more_bits_type is not None and more else qtype
         plan += [
             (b + "attn_norm.weight", (hidden,), QT.F32),
             (b + "attn_q.weight", (hidden, hidden), qtype),
             (b + "attn_k.weight", (kv, hidden), qtype),
-            (b + "attn_v.weight", (kv, hidden), qtype),
+            (b + "attn_v.weight", (kv, hidden), big),
             (b + "attn_output.weight", (hidden, hidden), qtype),
             (b + "ffn_norm.weight", (hidden,), QT.F32),
             (b + "ffn_gate.weight", (ffn, hidden), qtype),
             (b + "ffn_up.weight", (ffn, hidden), qtype),
-            (b + "ffn_down.weight", (hidden, ffn), qtype),
+            (b + "ffn_down.weight", (hidden, ffn), big),
         ]
     return plan + [
         ("output_norm.weight", (hidden,), QT.F32),
@@ -161,12 +168,13 @@ def write_gguf(
     kv_heads: int | None = None,
     vocab: int = 32000,
     output_qtype: QT = QT.Q6_K,
+    more_bits_type: QT | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> Path:
     """Write a random Llama GGUF (Llama 2 7B's shapes by default), one tensor in memory at a time."""
     kv_heads = kv_heads or heads
-    plan = tensor_plan(layers, hidden, ffn, heads, kv_heads, vocab, qtype, output_qtype)
+    plan = tensor_plan(layers, hidden, ffn, heads, kv_heads, vocab, qtype, output_qtype, more_bits_type)
     w = gguf.GGUFWriter(str(path), "llama")
     add_metadata(w, qtype, layers, hidden, ffn, heads, kv_heads, vocab)
     for name, shape, kind in plan:  # infos first (the header lists every tensor), data streamed below
@@ -209,8 +217,11 @@ def check_tokenizer(path: Path) -> list[int]:
 def write_and_check(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     output_qtype = OUTPUT_QTYPES[args.output_qtype]
+    recipe = args.qtype in RECIPES
     write_gguf(
-        args.out, QTYPES[args.qtype], args.layers, output_qtype=output_qtype, seed=args.seed, progress=True
+        args.out, RECIPES[args.qtype] if recipe else QTYPES[args.qtype], args.layers,
+        output_qtype=output_qtype,
+        more_bits_type=QT.Q6_K if recipe else None, seed=args.seed, progress=True,
     )
     seconds, size = time.perf_counter() - start, args.out.stat().st_size / 1e9
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
@@ -235,8 +246,7 @@ def measure(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        quantization = "int4" if qtype in ("Q4_0", "Q4_1") else "none"
-        results.append(m.measure_engine(args.out, quantization, args.streams, args.max_tokens))
+        results.append(m.measure_engine(args.out, "auto", args.streams, args.max_tokens))  # the default
     if args.llama_server:
         results.append(
             m.measure_llama_server(args.llama_server, args.out, args.threads, args.streams, args.max_tokens)
@@ -252,7 +262,8 @@ def measure(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="the GGUF file to write (and measure)")
-    ap.add_argument("--qtype", choices=sorted(QTYPES), default="Q4_0", help="linears and token_embd")
+    ap.add_argument("--qtype", choices=sorted({**QTYPES, **RECIPES}), default="Q4_K_M",
+                    help="linears and token_embd, or a llama.cpp recipe (Q4_K_M)")
     ap.add_argument("--output-qtype", choices=sorted(OUTPUT_QTYPES), default="Q6_K", help="output.weight")
     ap.add_argument("--layers", type=int, default=32, help="fewer for quick runs (7B widths regardless)")
     ap.add_argument("--seed", type=int, default=0)

@@ -20,8 +20,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda")
     p.add_argument("--quantization", default=d.quantization,
-                   help="none | int4 (keep GGUF Q4_0/Q4_1 weights 4-bit) | int8 (every linear weight "
-                        "int8 per row, any checkpoint): CPU only, less memory, faster decode")
+                   help="auto (default: GGUF weights stay in their own type on our CPU kernels; "
+                        "safetensors and CUDA: bfloat16) | none (exact: every weight dequantized to "
+                        "float32) | int4 (GGUF Q4_0/Q4_1 only) | int8 (every linear requantized to int8)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model at start-up: faster steps on CPU, but the first start "
                         "compiles for minutes (later starts reuse inductor's on-disk cache)")
@@ -133,6 +134,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters: {n:,} ({n / 1e9:.2f} B)")
     print("tensor types: " + ", ".join(f"{k} x{v}" for k, v in sorted(src.tensor_types.items())))
     print(f"memory: {n * 4 / 1e9:.2f} GB as float32, {n * 2 / 1e9:.2f} GB as bfloat16")
+    from llamaserve.model import native
+
+    print(f"CPU kernels: {native.info()}")
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
     print(f"KV cache: {kv * 4 / 1024:.1f} KiB per token (float32), "
           f"{kv * 4 * cfg.max_position_embeddings / 1e9:.2f} GB for one full {cfg.max_position_embeddings}"

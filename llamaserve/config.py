@@ -140,7 +140,7 @@ class EngineConfig:
     max_model_len: int = 0  # 0: the model's context length
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda
-    quantization: str = "none"  # none | int4 (GGUF Q4_0/Q4_1 stay 4-bit) | int8 (every linear); CPU only
+    quantization: str = "auto"  # auto (GGUF types as they are) | none (exact, float32) | int4 | int8
     compile: bool = False  # torch.compile the forward, warmed up at start-up (slow first start)
     seed: int = 0
 
@@ -159,7 +159,7 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 0, got {self.max_model_len}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantization not in ("none", "int4", "int8"):
-            raise ValueError(f"quantization must be none, int4 or int8, got {self.quantization!r}")
+        if self.quantization not in ("auto", "none", "int4", "int8"):
+            raise ValueError(f"quantization must be auto, none, int4 or int8, got {self.quantization!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")

@@ -48,5 +48,5 @@ def smollm_parts(smollm_path: Path):
     from llamaserve.loader.tokenizer import load_tokenizer
     from llamaserve.loader.weights import load_model
 
-    model, source = load_model(None)
+    model, source = load_model(None, quantization="none")  # the exact mode: float32
     return model, load_tokenizer(source.path, None, source.metadata)

@@ -9,6 +9,7 @@ import torch
 
 from llamaserve.model.kv_cache import PagedKVCache, build_metadata
 from llamaserve.model.llama import Transformer
+from llamaserve.model.native import FusedDecoder
 
 
 @dataclass
@@ -39,15 +40,22 @@ def new_seqs(
 
 
 def step(
-    net: Transformer, cache: PagedKVCache, work: list[tuple[Seq, int]], last_only: bool = False
+    net: Transformer, cache: PagedKVCache, work: list[tuple[Seq, int]], last_only: bool = False,
+    fused: FusedDecoder | None = None,
 ) -> list[torch.Tensor]:
-    """Run n new tokens of each (seq, n) in one batch; return each one's logits [n or 1, vocab]."""
+    """Run n new tokens of each (seq, n) in one batch; return each one's logits [n or 1, vocab].
+    With `fused`, a decode step (one token per sequence) runs as the model runner runs it, in one call."""
     meta = build_metadata([(s.table, s.done, n) for s, n in work], cache.block_size)
     ids = torch.tensor([t for s, n in work for t in s.ids[s.done : s.done + n]])  # [T]
     positions = torch.cat([torch.arange(s.done, s.done + n) for s, n in work])  # [T]
     sizes = [n for _, n in work]
     with torch.no_grad():
-        hidden = net(ids, positions, meta, cache)  # [T, hidden]
+        if fused is not None and meta.q_dest is None:
+            x, cos, sin = net.embed(ids, positions)
+            x = fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, cache.kv)
+            hidden = net.norm(x)
+        else:
+            hidden = net(ids, positions, meta, cache)  # [T, hidden]
         if last_only:
             hidden, sizes = hidden[torch.tensor(sizes).cumsum(0) - 1], [1] * len(work)
         logits = net.logits(hidden)  # [T or B, vocab]

@@ -16,7 +16,8 @@ from gguf.quants import dequantize
 
 from llamaserve.config import ModelConfig
 from llamaserve.loader.weights import inspect_model, load_model
-from llamaserve.model.quant import CastLinear, Int4Linear, Int8Linear
+from llamaserve.model import native
+from llamaserve.model.quant import CastLinear, GGUFLinear, Int4Linear, Int8Linear
 from tests.checkpoints import finish_with_placeholders, rel_err
 from tests.paged import forward_logits
 
@@ -63,6 +64,16 @@ def test_the_7b_plan_has_llama2_7bs_parameters_and_file_size(script: ModuleType)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
+def test_the_q4_k_m_recipe_gives_q6_k_to_llama_cpps_more_bits_layers(script: ModuleType) -> None:
+    plan = script.tensor_plan(32, 4096, 11008, 32, 32, 32000, QT.Q4_K, QT.Q6_K, QT.Q6_K)
+    q6 = sorted(int(n.split(".")[1]) for n, _, t in plan if t == QT.Q6_K and n.endswith("attn_v.weight"))
+    # llama.cpp's use_more_bits(i, 32): i < 4, i >= 28, and (i - 4) % 3 == 2 between.
+    assert q6 == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+    down = [int(n.split(".")[1]) for n, _, t in plan if t == QT.Q6_K and n.endswith("ffn_down.weight")]
+    assert sorted(down) == q6
+    assert Counter(t for _, _, t in plan) == Counter({QT.Q4_K: 32 * 7 - 32 + 1, QT.Q6_K: 33, QT.F32: 65})
+
+
 def test_random_blocks_are_finite_with_the_intended_spread(script: ModuleType, qtype: QT) -> None:
     raw = script.random_blocks(np.random.default_rng(0), 64, 512, qtype)
     w = dequantize(raw, qtype)
@@ -113,14 +124,15 @@ def test_tiny_file_loads_dense_and_int4_alike(
     )
     matrices = Counter({qtype.name: 7 * 2 + 1}) + Counter({output_qtype.name: 1})  # + token_embd, output
     assert source.tensor_types == matrices + Counter({"F32": 2 * 2 + 1})
-    exact, _ = load_model(str(path), dtype="float32")
-    dense, _ = load_model(str(path), dtype="bfloat16")
+    exact, _ = load_model(str(path), dtype="float32", quantization="none")
+    dense, _ = load_model(str(path), dtype="bfloat16", quantization="none")
     int4, _ = load_model(str(path), quantization="int4")
     expected = 4 * 2 + (output_qtype == QT.Q4_0) if qtype == QT.Q4_0 else 0  # wqkv, wo, w13, w2; output
-    assert sum(isinstance(m, Int4Linear) for m in int4.modules()) == expected
+    q4 = (GGUFLinear, Int4Linear)  # ours where they build, else torch's
+    assert sum(isinstance(m, q4) for m in int4.modules()) == expected
     # A head that is not Q4 is requantized to int8 per row; other dense matrices stay bfloat16 (cast in
     # and out) while the activations and the KV cache are float32.
-    assert isinstance(int4.output, Int4Linear if output_qtype == QT.Q4_0 else Int8Linear)
+    assert isinstance(int4.output, q4 if output_qtype == QT.Q4_0 else Int8Linear)
     dense_linears = [m for m in int4.modules() if isinstance(m, CastLinear)]
     assert len(dense_linears) == (0 if qtype == QT.Q4_0 else 4 * 2)
     assert all(m.weight.dtype == torch.bfloat16 for m in dense_linears) and int4.dtype == torch.float32
@@ -128,6 +140,11 @@ def test_tiny_file_loads_dense_and_int4_alike(
     assert ref.abs().max() > 0.1  # the random weights give non-trivial logits
     assert rel_err(forward_logits(dense, IDS), ref) < 2e-2
     assert rel_err(forward_logits(int4, IDS), ref) < 2e-2
+    if native.available():  # the default keeps every matrix in its file's type, on our kernels
+        auto, _ = load_model(str(path))
+        weights = [m.native_weight for m in auto.modules() if isinstance(m, GGUFLinear)]
+        assert len(weights) == 4 * 2 + 1 and auto.output.native_weight.types() == [output_qtype.name]
+        assert rel_err(forward_logits(auto, IDS), ref) < 2e-2
 
 
 def test_tokenizer_loads_through_transformers(script: ModuleType, tmp_path: Path, monkeypatch) -> None:

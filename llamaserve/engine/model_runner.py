@@ -11,6 +11,7 @@ from llamaserve.config import EngineConfig
 from llamaserve.engine.outputs import SchedulerOutput
 from llamaserve.model.kv_cache import AttentionMetadata, PagedKVCache, build_metadata
 from llamaserve.model.llama import Transformer
+from llamaserve.model.native import FusedDecoder
 
 log = logging.getLogger("llamaserve.engine")
 
@@ -43,14 +44,26 @@ class ModelRunner:
             cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads,
             cfg.head_dim, self.dtype, self.device,
         )
+        # Decode steps of a model whose layers all run on our kernels take one C call (prefill: layers).
+        self.fused = FusedDecoder.for_model(model) if self.device.type == "cpu" else None
+        log.info("decode steps: %s", "fused in one native call" if self.fused else "layer by layer")
         self.compiled = None
         self.num_eager_fallbacks = 0  # compiled mode: steps whose shapes had no warmed-up graph
         if config.compile:
             self.compiled = torch.compile(model.forward, dynamic=True)
             self._warm_up()
 
+    def runs_fused(self, meta: AttentionMetadata) -> bool:
+        """Whether a step runs all layers in one native call: one new token per sequence, on a model
+        whose layers all run on our kernels (prefill chunks take the layer-by-layer path)."""
+        return self.fused is not None and meta.q_dest is None
+
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.compiled is not None and not self.model.runs_fused(meta):  # fused: nothing to compile
+        if self.fused is not None and self.runs_fused(meta):
+            x, cos, sin = self.model.embed(ids, positions)
+            x = self.fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, self.cache.kv)
+            return self.model.norm(x)
+        if self.compiled is not None:
             try:
                 # Never compile while serving: a step of a shape class the warm-up missed runs eagerly.
                 with torch.compiler.set_stance("fail_on_recompile"):
@@ -81,7 +94,7 @@ class ModelRunner:
         ]
         for chunks in classes:
             meta = build_metadata(chunks, bs, self.device)
-            if self.model.runs_fused(meta):
+            if self.runs_fused(meta):
                 continue
             positions = [d + i for _, d, n in chunks for i in range(n)]
             ids = torch.zeros(len(positions), dtype=torch.long, device=self.device)
@@ -98,7 +111,7 @@ class ModelRunner:
         prefill happened to share its step (deterministic output under batching).
         """
         items = list(sched.scheduled)
-        if self.model.fused_decode is None:
+        if self.fused is None:
             return self._execute(items)
         groups = [[i for i, item in enumerate(items) if (item.num_new_tokens == 1) == single]
                   for single in (True, False)]

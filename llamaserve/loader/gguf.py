@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import mmap
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from gguf.quants import dequantize
 from llamaserve.config import ModelConfig, RopeScaling
 from llamaserve.loader.errors import ModelLoadError
 from llamaserve.loader.names import gguf_to_hf, unpermute_qk
-from llamaserve.model.quant import Q4Weight, q4_from_blocks
+from llamaserve.model.quant import RawTensor
 
 SUPPORTED_TYPES = frozenset(
     {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
@@ -123,11 +122,11 @@ def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
 
 
 def iter_tensors(
-    reader: GGUFReader, cfg: ModelConfig, keep_int4: frozenset[str] = frozenset()
-) -> Iterator[tuple[str, torch.Tensor | Q4Weight]]:
+    reader: GGUFReader, cfg: ModelConfig, keep_raw: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor | RawTensor]]:
     """Yield (Hugging Face name, float32 tensor in HF layout) one tensor at a time.
 
-    Tensors named in keep_int4 (GGUF names, of type Q4_0/Q4_1) come as 4-bit Q4Weight instead.
+    Tensors named in keep_raw (GGUF names of quantized tensors) come as their raw blocks instead.
     """
     check_tensor_types(reader)
     for t in reader.tensors:
@@ -138,10 +137,11 @@ def iter_tensors(
         if name is None:
             raise ModelLoadError(f"unexpected tensor {t.name!r} in a llama GGUF file")
         try:
-            value: torch.Tensor | Q4Weight
-            if t.name in keep_int4:
+            value: torch.Tensor | RawTensor
+            if t.name in keep_raw:
                 rows, cols = (int(d) for d in reversed(t.shape))
-                value = q4_from_blocks(np.asarray(t.data), t.tensor_type, rows, cols)
+                data = np.array(np.asarray(t.data).view(np.uint8).reshape(rows, -1), copy=True)  # off the map
+                value = RawTensor(t.tensor_type, torch.from_numpy(data), cols)
             else:
                 array = dequantize_tensor(t)
                 if not (array.flags.writeable and array.flags.c_contiguous):  # a view of the memory map
@@ -151,8 +151,10 @@ def iter_tensors(
             raise ModelLoadError(f"tensor {t.name} is truncated or corrupt: {e}") from e
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if name.endswith("q_proj.weight") else cfg.num_key_value_heads
-            value = (value.permute_rows(functools.partial(unpermute_qk, n_heads=heads))
-                     if isinstance(value, Q4Weight) else unpermute_qk(value, heads))
+            if isinstance(value, RawTensor):  # whole rows of blocks move: the permutation is exact
+                value = RawTensor(value.qtype, unpermute_qk(value.data, heads).contiguous(), value.cols)
+            else:
+                value = unpermute_qk(value, heads)
         yield name, value
         _drop_pages(reader, int(t.data_offset) + int(t.n_bytes))
 

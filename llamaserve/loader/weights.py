@@ -21,9 +21,19 @@ from llamaserve.loader import safetensors as st_loader
 from llamaserve.loader.errors import ModelLoadError
 from llamaserve.loader.names import IGNORED, fused_rows, gguf_to_hf, hf_to_ours
 from llamaserve.loader.registry import ModelNotFoundError, resolve_model
+from llamaserve.model import native
+from llamaserve.model.formats import FORMATS
 from llamaserve.model.llama import Transformer, rope_inv_freq
-from llamaserve.model.native import FusedDecoder
-from llamaserve.model.quant import INT4_TYPES, CastLinear, Int4Linear, Int8Linear, Q4Weight
+from llamaserve.model.quant import (
+    INT4_TYPES,
+    CastLinear,
+    GGUFLinear,
+    Int4Linear,
+    Int8Linear,
+    QuantizedEmbedding,
+    RawTensor,
+    q4_from_blocks,
+)
 
 log = logging.getLogger("llamaserve")
 
@@ -69,25 +79,48 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.d
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def _tensors(source: ModelSource, keep_int4: frozenset[str]) -> Iterator[tuple[str, torch.Tensor | Q4Weight]]:
+def _tensors(source: ModelSource, keep_raw: frozenset[str]) -> Iterator[tuple[str, torch.Tensor | RawTensor]]:
     if source.kind == "hf":
         return st_loader.iter_tensors(source.path)
-    return gguf_loader.iter_tensors(source.reader, source.config, keep_int4)
+    return gguf_loader.iter_tensors(source.reader, source.config, keep_raw)
 
 
-def _int4_plan(source: ModelSource) -> tuple[set[str], frozenset[str]]:
-    """Linear modules whose every source tensor is Q4_0/Q4_1, and those GGUF tensors' names."""
-    if source.kind != "gguf":
-        return set(), frozenset()
+@dataclass(slots=True)
+class QuantPlan:
+    """Which modules keep their GGUF blocks: linears (by module name), the embedding, and whether they
+    run on our kernels (GGUFLinear) or torch's int4 kernels (Int4Linear, Q4_0/Q4_1 only)."""
+
+    linears: set[str] = field(default_factory=set)
+    embedding: bool = False
+    native: bool = False
+    tensors: frozenset[str] = frozenset()  # the GGUF tensors read as raw blocks
+
+
+def _quant_plan(source: ModelSource, types: frozenset, embedding: bool, use_native: bool) -> QuantPlan:
+    """Linear modules whose every source tensor has one of `types` (and a shape our kernels take)."""
+    if source.kind != "gguf" or not types:
+        return QuantPlan()
+    cfg = source.config
     by_module: dict[str, list] = {}
     for t in source.reader.tensors:
         hf = gguf_to_hf(t.name)
         target = hf_to_ours(hf) if hf else None
-        if target is None or target[0] == "tok_embeddings.weight":
-            continue
-        by_module.setdefault(target[0].removesuffix(".weight"), []).append(t)
-    modules = {m for m, ts in by_module.items() if all(t.tensor_type in INT4_TYPES for t in ts)}
-    return modules, frozenset(t.name for m in modules for t in by_module[m])
+        if target is not None:
+            by_module.setdefault(target[0].removesuffix(".weight"), []).append(t)
+    embed = by_module.pop("tok_embeddings", [])
+    if cfg.tie_word_embeddings and embed:
+        by_module["output"] = embed  # a tied head multiplies by the embedding's blocks
+
+    def fits(ts: list) -> bool:
+        return all(t.tensor_type in types
+                   and (not use_native or native.supports(int(t.shape[1]), int(t.shape[0]))) for t in ts)
+
+    linears = {m for m, ts in by_module.items() if fits(ts)}
+    keep_embedding = embedding and bool(embed) and all(t.tensor_type in FORMATS for t in embed)
+    names = {t.name for m in linears for t in by_module[m]}
+    if keep_embedding:
+        names |= {t.name for t in embed}
+    return QuantPlan(linears, keep_embedding, use_native, frozenset(names))
 
 
 def _swap_linears(net: Transformer, make: Callable[[nn.Linear], nn.Module],
@@ -105,7 +138,7 @@ def _num_tensors(source: ModelSource) -> int:
 
 
 def _copy_into(
-    model: Transformer, params: dict, name: str, value: torch.Tensor | Q4Weight, seen: set
+    model: Transformer, params: dict, name: str, value: torch.Tensor | RawTensor, seen: set
 ) -> None:
     if name == "rope_freqs.weight" and isinstance(value, torch.Tensor):  # Llama 3 factors from GGUF
         inv_freq: torch.Tensor = model.inv_freq  # type: ignore[assignment]
@@ -119,44 +152,82 @@ def _copy_into(
     param_name, piece = target
     start, end = fused_rows(model.config, param_name, piece) if piece is not None else (0, None)
     module = model.get_submodule(param_name.removesuffix(".weight"))
-    if isinstance(module, Int4Linear) and isinstance(value, Q4Weight):
-        module.load_rows(start, value)
-        seen.add((param_name, piece))
-        return
-    if isinstance(value, Q4Weight):
+    seen.add((param_name, piece))
+    if isinstance(value, RawTensor):
+        if param_name == "tok_embeddings.weight" and model.config.tie_word_embeddings:
+            if _load_blocks(model.output, 0, value):  # a tied head multiplies by the same blocks
+                seen.add(("output.weight", None))
+        if _load_blocks(module, start, value):
+            return
         value = value.dequantize()
+    if param_name not in params:
+        raise ModelLoadError(f"tensor {name} has no dense parameter to go into")
     dest = params[param_name][start:end]
     if tuple(dest.shape) != tuple(value.shape):
         raise ModelLoadError(f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(dest.shape)}")
     with torch.no_grad():
         dest.copy_(value)
-    seen.add((param_name, piece))
+
+
+def _load_blocks(module: nn.Module, start: int, value: RawTensor) -> bool:
+    """Give a module that keeps quantized blocks its rows; False for a dense module."""
+    if isinstance(module, QuantizedEmbedding):
+        module.load(value)
+    elif isinstance(module, GGUFLinear):
+        module.load_rows(start, value)
+    elif isinstance(module, Int4Linear):
+        module.load_rows(start, q4_from_blocks(value.data.numpy(), value.qtype, value.rows, value.cols))
+    else:
+        return False
+    return True
+
+
+def resolve_quantization(quantization: str, source: ModelSource, dev: torch.device) -> str:
+    """The mode a load runs in: "auto" becomes "dense" (bfloat16) for safetensors and on CUDA, and falls
+    back to "int4" (torch's int4 kernels for Q4_0/Q4_1, the rest dense) where our kernels are unavailable."""
+    if quantization in ("int4", "int8") and dev.type != "cpu":
+        raise ModelLoadError(f"{quantization} weights run on the CPU only; use --quantization none on CUDA")
+    if quantization != "auto":
+        return quantization
+    if source.kind != "gguf" or dev.type != "cpu":
+        return "dense"
+    if not native.available():
+        log.warning("--quantization auto without our kernels (%s): Q4_0/Q4_1 weights on torch's int4 "
+                    "kernels, every other weight dense in bfloat16", native.info())
+        return "int4"
+    return "auto"
 
 
 def load_model(
     model: str | None, dtype: str = "auto", device: str = "cpu", progress: bool = False,
-    quantization: str = "none",
+    quantization: str = "auto",
 ) -> tuple[Transformer, ModelSource]:
-    """Load weights one tensor at a time into parameters allocated once in their final dtype.
+    """Load weights one tensor at a time into modules allocated once in their final form.
 
-    Quantization (CPU only): "int4" keeps GGUF Q4_0/Q4_1 linear weights 4-bit in memory and its peak stays
-    near the final size; any other linear weight stays dense, except the head, which becomes int8.
-    "int8" quantizes every linear weight (any GGUF type, or safetensors) to int8 after the load, so its
-    peak is the bfloat16 model. The quantized matmuls run our native kernels where they build (int8
-    per block of 32, activations rounded to int8; model/native.py), else torch's (int8 per row,
-    bfloat16 inputs). With dtype "auto" (or float32) activations, norms, attention and the KV cache are
-    float32, and dense weights are stored in bfloat16.
+    Quantization (see resolve_quantization): "auto" (CPU, GGUF) keeps every quantized GGUF tensor in its
+    own type (Q4_0 ... Q8_0, Q2_K ... Q6_K) on our kernels, the token embedding too (rows dequantized at
+    lookup); F16/BF16/F32 weights run dense in bfloat16. "none" is the exact mode: every weight
+    dequantized to float32 (bfloat16 above 2B parameters or on CUDA, unless --dtype says otherwise).
+    "int4" keeps GGUF Q4_0/Q4_1 linears 4-bit and makes a head of another type int8; "int8" requantizes
+    every linear (any GGUF type, or safetensors) to int8 per block of 32. With dtype "auto" the
+    quantized modes run float32 activations, norms, attention and KV cache; dense weights are bfloat16.
     """
     source = inspect_model(model)
     cfg = source.config
     dev = torch.device(device)
-    int4, quantized = quantization == "int4", quantization in ("int4", "int8")
-    if quantized and dev.type != "cpu":
-        raise ModelLoadError(f"{quantization} weights run on the CPU only; use --quantization none on CUDA")
-    act_dtype = torch.float32 if quantized and dtype == "auto" else resolve_dtype(dtype, cfg, dev)
+    mode = resolve_quantization(quantization, source, dev)
+    quantized = mode in ("auto", "int4", "int8")
+    if mode == "dense" and dtype == "auto":
+        act_dtype = torch.bfloat16
+    else:
+        act_dtype = torch.float32 if quantized and dtype == "auto" else resolve_dtype(dtype, cfg, dev)
     store_dtype = torch.bfloat16 if quantized and act_dtype == torch.float32 else act_dtype
     kernel_dtype = torch.bfloat16 if act_dtype == torch.float32 else act_dtype
-    int4_modules, keep_int4 = _int4_plan(source) if int4 else (set(), frozenset())
+    plan = QuantPlan()
+    if mode == "auto":
+        plan = _quant_plan(source, frozenset(FORMATS), True, True)
+    elif mode == "int4":
+        plan = _quant_plan(source, INT4_TYPES, False, native.available())
     with torch.device("meta"):
         net = Transformer(cfg).to(store_dtype)  # shapes and dtypes only: no memory yet
         if store_dtype != act_dtype:
@@ -165,8 +236,13 @@ def load_model(
                 norm.to(act_dtype)
             _swap_linears(net, lambda lin: CastLinear(lin.in_features, lin.out_features, bias=False,
                                                       dtype=store_dtype))
-    _swap_linears(net, lambda lin: Int4Linear(lin.in_features, lin.out_features, kernel_dtype),
-                  int4_modules)
+    if plan.embedding:
+        net.tok_embeddings = QuantizedEmbedding(cfg.vocab_size, cfg.hidden_size)  # type: ignore[assignment]
+    if plan.native:
+        _swap_linears(net, lambda lin: GGUFLinear(lin.in_features, lin.out_features), plan.linears)
+    else:
+        _swap_linears(net, lambda lin: Int4Linear(lin.in_features, lin.out_features, kernel_dtype),
+                      plan.linears)
     # Allocate every parameter once, already in its final dtype (never a float32 copy of a 7B model).
     net = net.to_empty(device=dev)
     # to_empty left the RoPE table uninitialised: compute it again.
@@ -176,31 +252,42 @@ def load_model(
     start = time.perf_counter()
     bar = tqdm(total=_num_tensors(source), desc=f"loading {source.path.name}", unit=" tensors",
                disable=not progress)
-    for name, value in _tensors(source, keep_int4):
+    for name, value in _tensors(source, plan.tensors):
         _copy_into(net, params, name, value, seen)
         bar.update(1)
     bar.close()
     _check_complete(net, seen)
-    unfinished = [n for n, m in net.named_modules() if isinstance(m, Int4Linear) and not m.loaded]
+    unfinished = [n for n, m in net.named_modules()
+                  if isinstance(m, GGUFLinear | Int4Linear) and not m.loaded]
     if unfinished:
-        raise ModelLoadError(f"int4 weights incomplete for {', '.join(unfinished[:3])}")
+        raise ModelLoadError(f"quantized weights incomplete for {', '.join(unfinished[:3])}")
     source.reader = None  # close the memory map: its pages would otherwise stay in our RSS
     net.tie_weights()
     del params  # drop our references: a dense weight is freed as soon as its int8 copy replaces it
     # int8: every dense linear (any source type) becomes int8. int4: a head that is not Q4 does
     # (requantizing it to 4 bits cost too much accuracy); other non-Q4 matrices stay dense.
-    only = None if quantization == "int8" else {"output"} if int4 else set()
+    only = None if mode == "int8" else {"output"} if mode == "int4" else set()
     _swap_linears(net, lambda lin: Int8Linear(lin.weight.detach(), kernel_dtype), only)
     net.eval()
-    net.fused_decode = FusedDecoder.for_model(net)  # None unless every layer runs on our kernels
     _return_freed_memory()
     if quantized:
-        quant = [m for m in net.modules() if isinstance(m, Int4Linear | Int8Linear)]
-        log.info("%s: %d of %d quantized linears on our native kernels, decode steps %s", quantization,
-                 sum(m.native for m in quant), len(quant),
-                 "fused in one C call" if net.fused_decode is not None else "layer by layer")
+        log.info("quantization %s: %s; kernels: %s", mode, _describe(net), native.info())
     net.load_seconds = time.perf_counter() - start  # type: ignore[assignment]
     return net, source
+
+
+def _describe(net: Transformer) -> str:
+    """How the linears run, e.g. 'Q4_K x 160, Q6_K x 65 on our kernels, 0 dense'."""
+    kinds: Counter = Counter()
+    for m in net.modules():
+        weight = getattr(m, "native_weight", None)
+        if weight is not None:
+            kinds.update(weight.types())
+        elif isinstance(m, Int4Linear | Int8Linear):
+            kinds[f"torch {type(m).__name__}"] += 1
+        elif isinstance(m, nn.Linear):
+            kinds["dense"] += 1
+    return ", ".join(f"{k} x {n}" for k, n in sorted(kinds.items()))
 
 
 def _return_freed_memory() -> None:

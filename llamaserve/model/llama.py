@@ -11,7 +11,6 @@ from torch import nn
 
 from llamaserve.config import ModelConfig, RopeScaling
 from llamaserve.model.kv_cache import AttentionMetadata, PagedKVCache
-from llamaserve.model.native import FusedDecoder
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -128,9 +127,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.act_dtype: torch.dtype | None = None  # activations' dtype when it differs from the weights'
-        # Set by the loader where every layer runs on our native kernels: decode steps in one C call.
-        self.fused_decode: FusedDecoder | None = None
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tok_embeddings: nn.Module = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.output: nn.Module = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -144,8 +141,20 @@ class Transformer(nn.Module):
         return self.act_dtype or self.norm.weight.dtype
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        """A tied dense head shares the embedding's parameter (a quantized one was loaded from its blocks)."""
+        if self.config.tie_word_embeddings and isinstance(self.output, nn.Linear) \
+                and isinstance(self.tok_embeddings, nn.Embedding):
             self.output.weight = self.tok_embeddings.weight
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Token embeddings [T, hidden] and the RoPE tables cos, sin [T, 1, D] for these positions."""
+        x = self.tok_embeddings(input_ids).to(self.dtype)
+        inv_freq = cast(torch.Tensor, self.inv_freq)  # a registered buffer
+        freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2], float32
+        c, s = freqs.cos(), freqs.sin()
+        cos = torch.cat((c, c), dim=-1)[:, None, :].to(x.dtype)  # [T, 1, D]
+        sin = torch.cat((-s, s), dim=-1)[:, None, :].to(x.dtype)  # first half negated (see apply_rope)
+        return x, cos, sin
 
     def forward(
         self,
@@ -155,23 +164,10 @@ class Transformer(nn.Module):
         cache: PagedKVCache,
     ) -> torch.Tensor:
         """Run T new tokens of B sequences; return the final hidden states [T, hidden]."""
-        x = self.tok_embeddings(input_ids).to(self.dtype)
-        inv_freq = cast(torch.Tensor, self.inv_freq)  # a registered buffer
-        freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2], float32
-        c, s = freqs.cos(), freqs.sin()
-        cos = torch.cat((c, c), dim=-1)[:, None, :].to(x.dtype)  # [T, 1, D]
-        sin = torch.cat((-s, s), dim=-1)[:, None, :].to(x.dtype)  # first half negated (see apply_rope)
-        if self.fused_decode is not None and self.runs_fused(meta) and not torch.compiler.is_compiling():
-            x = self.fused_decode.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, cache.kv)
-        else:
-            for layer, kv_pool in zip(self.layers, cache.kv, strict=True):
-                x = layer(x, cos, sin, meta, kv_pool)
+        x, cos, sin = self.embed(input_ids, positions)
+        for layer, kv_pool in zip(self.layers, cache.kv, strict=True):
+            x = layer(x, cos, sin, meta, kv_pool)
         return self.norm(x)
-
-    def runs_fused(self, meta: AttentionMetadata) -> bool:
-        """Whether a step runs all layers in one native call: one new token per sequence, on a model
-        whose layers all run on our kernels (prefill chunks take the layer-by-layer path)."""
-        return self.fused_decode is not None and meta.q_dest is None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""

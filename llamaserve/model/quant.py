@@ -1,4 +1,5 @@
-"""Weight-only int4 / int8 linear layers: GGUF Q4_0 / Q4_1 blocks stay 4-bit in memory (group size 32)."""
+"""Quantized layers: GGUF weights in their own type on our kernels (GGUFLinear, QuantizedEmbedding), and
+the int4 / int8 layers of torch's kernels (Int4Linear for GGUF Q4_0 / Q4_1, Int8Linear for any weight)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize as gguf_dequantize
 from torch import nn
 
-from llamaserve.model import native
+from llamaserve.model import formats, native
 
 GROUP = 32
 INT4_TYPES = frozenset({QT.Q4_0, QT.Q4_1})
@@ -63,26 +65,18 @@ class CastLinear(nn.Linear):
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W.T with W kept 4-bit (group size 32, a scale and a zero per group).
-
-    With our native kernels (model/native.py) the weight keeps GGUF's block layout and the activations
-    are quantized to int8 per block of 32; otherwise torch's `_weight_int4pack_mm_for_cpu` runs, with
-    inputs cast to `dtype` (bfloat16: its float32 path is ~10x slower). Outputs come back in the
-    caller's dtype.
-    """
+    """y = x @ W.T with W kept 4-bit (group size 32, a scale and a zero per group) for torch's
+    `_weight_int4pack_mm_for_cpu`, inputs cast to `dtype` (bfloat16: its float32 path is ~10x slower).
+    Used where our kernels are unavailable (GGUFLinear runs GGUF's Q4 blocks where they are)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         super().__init__()
         if in_features % GROUP:
             raise ValueError(f"int4 weights need in_features divisible by {GROUP}, got {in_features}")
         self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
-        self.native = native.available() and native.supports(out_features, in_features)
         self._pending: Q4Weight | None = None  # staging for the rows loaded so far (allocated on first use)
         self._rows_loaded = 0
-        # torch's format: packed (int4pack) and scales_zeros; ours: qs (nibbles), d and m (float16; m
-        # empty for Q4_0, whose m is -8 d).
-        for name in ("packed", "qs", "d", "m"):
-            self.register_buffer(name, torch.empty(0, dtype=torch.uint8), persistent=False)
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8), persistent=False)
         self.register_buffer("scales_zeros", torch.empty(0, dtype=dtype), persistent=False)
 
     def load_rows(self, start: int, w: Q4Weight) -> None:
@@ -98,43 +92,121 @@ class Int4Linear(nn.Module):
         self._rows_loaded += end - start
         if self._rows_loaded == self.out_features:
             p = self._pending
-            if self.native:  # w = d * q + m
-                q4_0 = not bool(p.zero.any())  # w = d * (q - 8): m = -8 d is implied, not stored
-                self.qs, self.d, self.m = native.pack_q4(p.q, p.scale, None if q4_0 else p.zero - 8 * p.scale)
-            else:
-                self.packed = torch._convert_weight_to_int4pack_for_cpu(p.q.to(torch.int32), 8)
-                sz = torch.stack([p.scale, p.zero], dim=-1).transpose(0, 1)  # [K / 32, N, 2]
-                self.scales_zeros = sz.contiguous().to(self.dtype)
+            self.packed = torch._convert_weight_to_int4pack_for_cpu(p.q.to(torch.int32), 8)
+            sz = torch.stack([p.scale, p.zero], dim=-1).transpose(0, 1)  # [K / 32, N, 2]
+            self.scales_zeros = sz.contiguous().to(self.dtype)
             self._pending = None
 
     @property
     def loaded(self) -> bool:
-        return (self.qs if self.native else self.packed).numel() > 0
+        return self.packed.numel() > 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.native:
-            y = native.linear_q4(flat.float(), self.qs, self.d, self.m)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(flat.to(self.dtype), self.packed, GROUP, self.scales_zeros)
+        y = torch._weight_int4pack_mm_for_cpu(flat.to(self.dtype), self.packed, GROUP, self.scales_zeros)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+@dataclass(slots=True)
+class RawTensor:
+    """A GGUF tensor's blocks as the file has them: [rows, row bytes] uint8 in `qtype`."""
+
+    qtype: QT
+    data: torch.Tensor  # uint8 [rows, row bytes]
+    cols: int
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[0]
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.from_numpy(gguf_dequantize(self.data.numpy(), self.qtype).reshape(self.rows, self.cols))
+
+
+class GGUFLinear(nn.Module):
+    """y = x @ W.T on our kernels, W in the GGUF type of each of its source tensors (a fused q/k/v keeps
+    Q6_K v rows beside Q4_K q and k rows). Outputs come back in the caller's dtype."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._pieces: dict[int, tuple[QT, dict[str, torch.Tensor]]] = {}  # first row -> packed rows
+        self._rows_loaded = 0
+        self.native_weight: native.NativeWeight | None = None
+
+    def load_rows(self, start: int, t: RawTensor) -> None:
+        """Pack rows [start, start + n); once every row is in, join same-type neighbours into parts."""
+        if t.cols != self.in_features:
+            raise ValueError(f"rows of {t.cols} values for a linear of {self.in_features} inputs")
+        unpacked = formats.unpack(t.qtype, t.data.numpy(), t.rows, t.cols)
+        self._pieces[start] = (t.qtype, formats.pack(t.qtype, unpacked))
+        self._rows_loaded += t.rows
+        if self._rows_loaded < self.out_features:
+            return
+        parts: list[tuple[QT, dict[str, torch.Tensor]]] = []
+        for _, (qtype, bufs) in sorted(self._pieces.items()):
+            if parts and parts[-1][0] == qtype:
+                prev = parts[-1][1]
+                bufs = {k: torch.cat([prev[k], v]) if v.numel() else v for k, v in bufs.items()}
+                parts[-1] = (qtype, bufs)
+            else:
+                parts.append((qtype, bufs))
+        self._pieces = {}
+        self.native_weight = native.NativeWeight(self.in_features, parts)
+
+    @property
+    def loaded(self) -> bool:
+        return self.native_weight is not None
+
+    def extra_repr(self) -> str:
+        types = self.native_weight.types() if self.native_weight else "not loaded"
+        return f"in_features={self.in_features}, out_features={self.out_features}, types={types}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_weight is None:
+            raise RuntimeError("GGUFLinear used before its weights were loaded")
+        y = native.matmul(x.reshape(-1, self.in_features), self.native_weight)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embedding kept in its GGUF type; the rows a step looks up are dequantized (gguf's code)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.table: RawTensor | None = None
+
+    def load(self, t: RawTensor) -> None:
+        if (t.rows, t.cols) != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(f"embedding of {t.rows} x {t.cols}, expected "
+                             f"{self.num_embeddings} x {self.embedding_dim}")
+        self.table = t
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            raise RuntimeError("QuantizedEmbedding used before its weights were loaded")
+        rows = self.table.data[ids.reshape(-1).cpu()].numpy()
+        out = torch.from_numpy(gguf_dequantize(rows, self.table.qtype).reshape(-1, self.embedding_dim))
+        return out.view(*ids.shape, self.embedding_dim).to(ids.device)
 
 
 class Int8Linear(nn.Module):
     """y = x @ W.T with W quantized to int8: per block of 32 with our native kernels (model/native.py),
     else per output row for torch's `_weight_int8pack_mm` (inputs cast to `dtype`)."""
 
-    qweight: torch.Tensor  # int8: native [N / 8, K / 32, 256] (native.quantize_q8), torch [N, K]
-    scales: torch.Tensor  # native: [N / 8, K / 32, 8] float16; torch: [N] in the activation dtype
+    qweight: torch.Tensor  # torch's kernel: int8 [N, K] (ours keep Q8_0 blocks in native_weight)
+    scales: torch.Tensor  # [N] in the activation dtype
 
     def __init__(self, w: torch.Tensor, dtype: torch.dtype, chunk: int = 4096) -> None:
         super().__init__()
         self.in_features, self.out_features, self.dtype = w.shape[1], w.shape[0], dtype
         self.native = native.available() and native.supports(self.out_features, self.in_features)
-        if self.native:
-            qweight, scales = native.quantize_q8(w, chunk)
-            self.register_buffer("qweight", qweight, persistent=False)
-            self.register_buffer("scales", scales, persistent=False)
+        self.native_weight: native.NativeWeight | None = None
+        if self.native:  # GGUF's Q8_0 blocks on our kernels
+            unpacked = formats.quantize_q8_0(w, chunk)
+            parts = [(QT.Q8_0, formats.pack(QT.Q8_0, unpacked))]
+            self.native_weight = native.NativeWeight(self.in_features, parts)
             return
         qweight = torch.empty(w.shape, dtype=torch.int8)
         scales = torch.empty(w.shape[0])
@@ -152,14 +224,14 @@ class Int8Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [N, K] this layer multiplies by."""
-        if self.native:
-            return native.dequantize_q8(self.qweight, self.scales)
+        if self.native_weight is not None:
+            return formats.dequantize(QT.Q8_0, formats.unpack_q8_0(self.native_weight.parts[0][1]))
         return self.qweight.float() * self.scales.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self.native:
-            y = native.linear_q8(flat.float(), self.qweight, self.scales)
+        if self.native_weight is not None:
+            y = native.matmul(flat, self.native_weight)
         else:
             y = torch._weight_int8pack_mm(flat.to(self.dtype), self.qweight, self.scales)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

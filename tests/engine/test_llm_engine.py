@@ -53,8 +53,8 @@ def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts):
     """int4 runs decode tokens fused (one C call) and prefill chunks layer by layer; a step holding both
     runs them as two forwards, so a sequence's decode never changes path when a prefill joins it."""
     model = load_model(None, quantization="int4")[0]
-    assert model.fused_decode is not None
     engine = make_engine((model, smollm_parts[1]))
+    assert engine.runner.fused is not None
     prompts = [chat_ids(engine, q) for q in QUESTIONS[:4]]
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     alone = [engine.generate([p], params)[0][0] for p in prompts]

@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 from llamaserve.config import ModelConfig, RopeScaling
 from llamaserve.loader.gguf import iter_tensors, read_config
 from llamaserve.loader.weights import inspect_model, load_model
 from tests.checkpoints import (
     K_QUANTS,
+    K_SCALE_OFFSETS,
     dequantized_copy,
     finish_with_placeholders,
     gguf_tensors,
@@ -40,7 +42,7 @@ def model():
 @pytest.mark.parametrize("qtype", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0], ids=lambda q: q.name)
 def test_logits_match_transformers_on_the_dequantized_weights(tmp_path, model, qtype: QT) -> None:
     path = write_gguf(tmp_path / f"tiny-{qtype.name}.gguf", model.config, gguf_tensors(model, qtype))
-    net, source = load_model(str(path), dtype="float32")
+    net, source = load_model(str(path), dtype="float32", quantization="none")
     assert source.kind == "gguf"
     layers = model.config.num_hidden_layers
     expected = Counter({qtype.name: 7 * layers + 2}) + Counter({"F32": 2 * layers + 1})  # matrices, norms
@@ -79,7 +81,8 @@ def test_tied_embeddings_when_the_file_has_no_output_tensor(tmp_path) -> None:
     tied = tiny_hf_model(seed=5, tie_word_embeddings=True)
     tensors = gguf_tensors(tied, QT.F16)
     assert "output.weight" not in tensors
-    net, source = load_model(str(write_gguf(tmp_path / "tied.gguf", tied.config, tensors)), dtype="float32")
+    path = write_gguf(tmp_path / "tied.gguf", tied.config, tensors)
+    net, source = load_model(str(path), dtype="float32", quantization="none")
     assert source.config.tie_word_embeddings
     assert net.output.weight is net.tok_embeddings.weight
     assert rel_err(forward_logits(net, IDS), hf_logits(dequantized_copy(tied, QT.F16), IDS)) <= 1e-4
@@ -89,7 +92,7 @@ def test_linear_rope_scaling_from_metadata(tmp_path) -> None:
     scaled = tiny_hf_model(seed=6, rope_scaling={"rope_type": "linear", "factor": 4.0})
     path = write_gguf(tmp_path / "linear.gguf", scaled.config, gguf_tensors(scaled, QT.F32),
                       rope_scaling_factor=4.0)
-    net, source = load_model(str(path), dtype="float32")
+    net, source = load_model(str(path), dtype="float32", quantization="none")
     assert source.config.rope_scaling == RopeScaling("linear", 4.0)
     assert rel_err(forward_logits(net, IDS), hf_logits(scaled, IDS)) <= 1e-4
 
@@ -121,7 +124,8 @@ def test_llama3_rope_from_the_rope_freqs_tensor(tmp_path) -> None:
     factors = llama3_rope_factors(16, 50000.0, scaling)
     assert 1.0 < factors.max()  # some frequencies are scaled at this size
     tensors["rope_freqs.weight"] = (factors, QT.F32)
-    net, _ = load_model(str(write_gguf(tmp_path / "llama3.gguf", scaled.config, tensors)), dtype="float32")
+    path = write_gguf(tmp_path / "llama3.gguf", scaled.config, tensors)
+    net, _ = load_model(str(path), dtype="float32", quantization="none")
     err = rel_err(forward_logits(net, IDS), hf_logits(scaled, IDS))  # positions up to 99 > 64
     print(f"llama3 rope_freqs: max relative logit error {err:.2e}")
     assert err <= 1e-4
@@ -140,7 +144,8 @@ def test_k_quant_weights_equal_gguf_dequantize(tmp_path) -> None:
             raw[name] = (random_k_blocks(rng, *data.shape, qtype), qtype)
     tensors.update(raw)
     assert {q for _, q in raw.values()} == set(K_QUANTS)
-    net, source = load_model(str(write_gguf(tmp_path / "k.gguf", c, tensors)), dtype="float32")
+    net, source = load_model(str(write_gguf(tmp_path / "k.gguf", c, tensors)), dtype="float32",
+                             quantization="none")
     assert {k for k in source.tensor_types} == {"F32", *(q.name for q in K_QUANTS)}
 
     def ours(name: str) -> np.ndarray:
@@ -236,3 +241,42 @@ def test_reading_every_tensor_leaves_the_file_pages_out_of_our_rss(smollm_path, 
     assert resident is not None
     print(f"release={release}: file {size_kb} kB, resident after reading it all: {resident} kB")
     assert (resident < size_kb // 10) if release else (resident > size_kb * 9 // 10)
+
+
+def test_mixed_type_file_in_auto_mode_stays_close_to_the_exact_mode(tmp_path) -> None:
+    """Q4_K, Q6_K and Q8_0 tensors (a layer's q, k and v of different types, as in Q4_K_M files) load in
+    their own types on our kernels; logits within 3% (int8 activation rounding) of the exact mode's."""
+    from llamaserve.model import native
+    from llamaserve.model.quant import GGUFLinear, QuantizedEmbedding
+
+    if not native.available():
+        pytest.skip("native kernels unavailable here")
+    big = tiny_hf_model(seed=4, hidden_size=256, intermediate_size=512, head_dim=64, initializer_range=0.05)
+    tensors = gguf_tensors(big, QT.F32)
+    kinds = [QT.Q4_K, QT.Q6_K, QT.Q8_0]
+    rng = np.random.default_rng(1)
+    for i, (name, (data, _)) in enumerate(sorted(tensors.items())):
+        if data.ndim == 2:
+            qtype = kinds[i % 3]
+            if qtype == QT.Q8_0:
+                blocks = quantize(data, qtype)
+            else:  # random values; scales small enough that weights stay near the model's (|w| < 0.06)
+                blocks = random_k_blocks(rng, *data.shape, qtype).reshape(-1, GGML_QUANT_SIZES[qtype][1])
+                for off in K_SCALE_OFFSETS[qtype]:
+                    scale = rng.uniform(2e-5, 6e-5, blocks.shape[0]).astype(np.float16)
+                    blocks[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
+                blocks = blocks.reshape(data.shape[0], -1)
+            tensors[name] = (blocks, qtype)
+    path = write_gguf(tmp_path / "mixed.gguf", big.config, tensors)
+    exact, _ = load_model(str(path), quantization="none")
+    auto, _ = load_model(str(path))
+    weights = [m.native_weight for m in auto.modules() if isinstance(m, GGUFLinear)]
+    assert len(weights) == 4 * big.config.num_hidden_layers + 1  # every linear, the head included
+    assert max(len(w.parts) for w in weights) >= 2  # fused pieces of different types side by side
+    assert {t for w in weights for t in w.types()} == {"Q4_K", "Q6_K", "Q8_0"}
+    assert isinstance(auto.tok_embeddings, QuantizedEmbedding)
+    ref, ours = forward_logits(exact, IDS), forward_logits(auto, IDS)
+    err = rel_err(ours, ref)
+    agree = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
+    print(f"mixed Q4_K/Q6_K/Q8_0 file, auto vs none: max relative logit error {err:.2e}, top-1 {agree:.0%}")
+    assert err < 3e-2 and agree >= 0.9

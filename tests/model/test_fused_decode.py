@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX2 CPU or n
 def decode_both_ways(net, prompts: list[list[int]], steps: int = 6) -> list[tuple[float, bool]]:
     """Prefill, then decode greedily in one batch; each decode step runs layer by layer, then fused
     (same slots: the fused run overwrites the new token's K/V). Returns (relative error, same argmax)."""
-    fused = net.fused_decode
+    fused = native.FusedDecoder.for_model(net)
+    assert fused is not None
     runs = []
     fused_run = fused.run
     fused.run = lambda *args: (runs.append(1), fused_run(*args))[1]
@@ -28,26 +29,23 @@ def decode_both_ways(net, prompts: list[list[int]], steps: int = 6) -> list[tupl
             for s, lg in zip(seqs, logits, strict=True):
                 s.ids.append(int(lg[-1].argmax()))
             done = [s.done for s in seqs]
-            net.fused_decode = None
             ref = step(net, cache, [(s, 1) for s in seqs])
             for s, d in zip(seqs, done, strict=True):
                 s.done = d
-            net.fused_decode = fused
-            logits = step(net, cache, [(s, 1) for s in seqs])
+            logits = step(net, cache, [(s, 1) for s in seqs], fused=fused)
             for a, b in zip(logits, ref, strict=True):
                 results.append((rel_err(a, b), bool(a.argmax() == b.argmax())))
     finally:
-        net.fused_decode = fused
         fused.run = fused_run
     assert len(runs) == steps  # the fused path did run, once per decode step
     return results
 
 
-def teacher_forced_decode(net, ids: list[int], prefill: int) -> torch.Tensor:
+def teacher_forced_decode(net, ids: list[int], prefill: int, fused=None) -> torch.Tensor:
     """Logits [len(ids) - prefill, vocab]: prefill the first tokens, then feed the rest one per step."""
     cache, (seq,) = new_seqs(net, [ids])
     step(net, cache, [(seq, prefill)])
-    return torch.cat([step(net, cache, [(seq, 1)])[0] for _ in range(len(ids) - prefill)])
+    return torch.cat([step(net, cache, [(seq, 1)], fused=fused)[0] for _ in range(len(ids) - prefill)])
 
 
 def test_int4_embedded_model_decodes_as_close_to_float32_fused(hf_tokenizer):
@@ -55,14 +53,13 @@ def test_int4_embedded_model_decodes_as_close_to_float32_fused(hf_tokenizer):
     can flip one rounding (one step of a block's scale) downstream: the fused path is held to the same
     distance from float32 as the layer-by-layer path, not to equality with it."""
     net, _ = load_model(None, quantization="int4")
-    assert net.fused_decode is not None  # every layer is Q4_1 on our kernels, the head is int8
-    ref_net, _ = load_model(None)
+    fused_decoder = native.FusedDecoder.for_model(net)
+    assert fused_decoder is not None  # every layer is Q4_1 on our kernels, the head is int8
+    ref_net, _ = load_model(None, quantization="none")
     ids = hf_tokenizer.encode("The capital of France is Paris, and the capital of Italy is Rome. Water is")
     ref = teacher_forced_decode(ref_net, ids, 4)
-    fused = teacher_forced_decode(net, ids, 4)
-    fused_decoder, net.fused_decode = net.fused_decode, None
+    fused = teacher_forced_decode(net, ids, 4, fused_decoder)
     layered = teacher_forced_decode(net, ids, 4)
-    net.fused_decode = fused_decoder
     errs = {name: rel_err(out, ref) for name, out in (("fused", fused), ("layered", layered))}
     agree = {name: int((out.argmax(-1) == ref.argmax(-1)).sum()) for name, out in (("fused", fused),
                                                                                    ("layered", layered))}
@@ -76,7 +73,6 @@ def test_int8_tiny_checkpoint_decodes_the_same_fused(tmp_path, heads):
     model = tiny_hf_model(seed=3, num_attention_heads=heads[0], num_key_value_heads=heads[1])
     model.save_pretrained(tmp_path)
     net, _ = load_model(str(tmp_path), quantization="int8")
-    assert net.fused_decode is not None
     prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
                for n in (5, 40, 17)]
     results = decode_both_ways(net, prompts)
@@ -85,6 +81,7 @@ def test_int8_tiny_checkpoint_decodes_the_same_fused(tmp_path, heads):
 
 
 def test_models_off_the_native_kernels_keep_the_layer_path(monkeypatch):
-    assert load_model(None)[0].fused_decode is None  # float32 default: dense matmuls
+    assert native.FusedDecoder.for_model(load_model(None, quantization="none")[0]) is None  # dense
+    assert native.FusedDecoder.for_model(load_model(None)[0]) is not None  # auto: Q4_1 and Q8_0 blocks
     monkeypatch.setattr(native, "available", lambda: False)
-    assert load_model(None, quantization="int4")[0].fused_decode is None  # torch's int4 kernels
+    assert native.FusedDecoder.for_model(load_model(None, quantization="int4")[0]) is None  # torch int4

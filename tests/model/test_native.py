@@ -1,21 +1,36 @@
-"""Our native int4/int8 kernels (kernels.c) against float32 references, and the fallback to torch's."""
+"""Our CPU kernels (csrc/): every GGUF type x every ISA variant this CPU has against gguf's reference
+dequantization and a float32 matmul; the C ABI's checks; the private kernel cache; the fallback."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 
+import gguf
+import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize
 
-from llamaserve.model import native
+from llamaserve.model import formats, native
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no AVX2 CPU or no C compiler")
+# Byte offsets of each type's float16 fields inside a block (ggml-common.h).
+F16_FIELDS = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,),
+              QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
 
 
-def reference_q4(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    n, k = q.shape
-    w = q.float().view(n, -1, 32) * d.float()[..., None] + m.float()[..., None]
-    return w.view(n, k)
+def random_blocks(qtype: QT, rows: int, cols: int, seed: int) -> np.ndarray:
+    """Random bytes of a [rows, cols] tensor in qtype, with small finite float16 scales (and mins)."""
+    rng = np.random.default_rng(seed)
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows * cols // bs, ts), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        scale = rng.uniform(5e-4, 3e-3, raw.shape[0]).astype(np.float16)
+        raw[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
 
 
 def act_quant_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -24,122 +39,161 @@ def act_quant_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return step.expand(-1, -1, 32).reshape(x.shape) @ w.abs().T
 
 
+@pytest.fixture(params=list(native.VARIANTS))
+def variant(request, monkeypatch):
+    """Each ISA variant the CPU has, forced through LLAMASERVE_KERNELS (skipped where the CPU lacks it)."""
+    if request.param not in native.supported_variants():
+        pytest.skip(f"this CPU has no {request.param}")
+    monkeypatch.setenv("LLAMASERVE_KERNELS", request.param)
+    native.kernels.cache_clear()
+    assert native.kernels().variant == request.param, native.info()
+    yield request.param
+    native.kernels.cache_clear()
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # libgomp is shared with torch: the kernels' parallel loops split in two
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("qtype", list(formats.FORMATS), ids=lambda q: q.name)
+def test_unpacking_is_exact(qtype):
+    raw = random_blocks(qtype, 16, 512, seed=qtype.value)
+    ref = dequantize(raw, qtype).reshape(16, 512)
+    ours = formats.dequantize(qtype, formats.unpack(qtype, raw, 16, 512)).numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+
 @needs_native
-@pytest.mark.parametrize("m_rows", [1, 2, 3, 5, 16, 131])  # tiles of 4 with tails; > 128 rows: two chunks
-@pytest.mark.parametrize("k", [96, 256])  # 3 blocks (odd) and 8
-def test_q4_linear_matches_float32_within_activation_rounding(m_rows, k):
-    g = torch.Generator().manual_seed(m_rows * 1000 + k)
-    n = 72
-    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-    d = (torch.rand(n, k // 32, generator=g) * 0.05 + 1e-3).half()
-    m = (-torch.rand(n, k // 32, generator=g) * 0.4).half()
-    w = reference_q4(q, d, m)
-    packed = native.pack_q4(q, d, m)
-    assert torch.equal(native.dequantize_q4(*packed), w)  # the layout keeps every value
+@pytest.mark.parametrize("m_rows", [1, 7, 64, 300])  # decode, a tile tail, a GEMM, > 128 rows: 3 passes
+@pytest.mark.parametrize("qtype", list(formats.FORMATS), ids=lambda q: q.name)
+def test_matmul_matches_the_reference_within_activation_rounding(qtype, m_rows, variant, two_threads):
+    """Weights are exact, so y differs from x @ W^T only by rounding x to int8 per block of 32."""
+    n, k = 40, 512
+    raw = random_blocks(qtype, n, k, seed=qtype.value * 7 + m_rows)
+    w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k))
+    weight = native.NativeWeight(k, [(qtype, formats.pack(qtype, formats.unpack(qtype, raw, n, k)))])
+    g = torch.Generator().manual_seed(m_rows)
     x = torch.randn(m_rows, k, generator=g)
     x[0, :32] = 0  # an all-zero block: scale 0, no division by zero
-    y = native.q4_linear(x, *packed)
+    y = weight.matmul(x)
     ref = x.double() @ w.double().T
     assert y.shape == (m_rows, n) and y.dtype == torch.float32
-    bound = act_quant_bound(x, w).double() * 1.01 + 1e-4
-    assert bool(((y.double() - ref).abs() <= bound).all())
+    bound = act_quant_bound(x, w).double() * 1.01 + 1e-5  # + float32 accumulation
+    assert bool(((y.double() - ref).abs() <= bound).all()), ((y.double() - ref).abs() / bound).max()
     assert ((y - ref.float()).norm() / ref.norm()).item() < 0.02
 
 
 @needs_native
-@pytest.mark.parametrize("m_rows", [1, 4, 7])
-def test_q8_linear_matches_float32_within_activation_rounding(m_rows):
-    g = torch.Generator().manual_seed(m_rows)
-    n, k = 56, 160
-    w = torch.randn(n, k, generator=g) * torch.linspace(1e-3, 2.0, n)[:, None]
-    w[3, :32] = 0  # an all-zero block
-    q, d = native.quantize_q8(w, chunk=16)  # four chunks, the last partial
-    assert q.dtype == torch.int8 and d.dtype == torch.float16 and d.shape == (n // 8, k // 32, 8)
-    assert int(q.abs().max()) == 127 and int(q.min()) >= -127  # -128 would overflow the sign trick
-    deq = native.dequantize_q8(q, d)
-    step = native._ungroup_scales(d).float().repeat_interleave(32, dim=1)
-    assert bool(((deq - w).abs() <= 0.5 * step * 1.001 + 1e-7).all())  # round to nearest per block
-    x = torch.randn(m_rows, k, generator=g)
-    y = native.q8_linear(x, q, d)
-    ref = x.double() @ deq.double().T
-    bound = act_quant_bound(x, deq).double() * 1.01 + 1e-4
-    assert bool(((y.double() - ref).abs() <= bound).all())
-
-
-def test_pack_q4_interleaves_8_rows_4_values_at_a_time():
-    q = (torch.arange(8)[:, None] + torch.arange(32)[None, :]).remainder(16).to(torch.uint8)  # q[r, i]
-    qs, d, m = native.pack_q4(q, torch.ones(8, 1), torch.zeros(8, 1))
-    assert qs.shape == (1, 1, 128) and d.shape == m.shape == (1, 1, 8) and d.dtype == torch.float16
-    byte = qs.view(4, 8, 4)  # [c][r][e]: value 4c + e of row r low, value 4(c + 4) + e high
-    for c, r, e in [(0, 0, 0), (1, 3, 2), (3, 7, 3)]:
-        assert int(byte[c, r, e]) == int(q[r, 4 * c + e]) | int(q[r, 4 * (c + 4) + e]) << 4
-
-
-def test_unavailable_kernels_fall_back_with_a_warning(monkeypatch, caplog):
-    native._lib.cache_clear()
-    try:
-        monkeypatch.setenv("CC", "/nonexistent/cc")
-        monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent-cache")
-        monkeypatch.setattr(native, "_cpu_ok", lambda: True)
-        with caplog.at_level(logging.WARNING, logger=native.log.name):
-            assert not native.available()
-        assert "unavailable" in caplog.text and "nonexistent" in caplog.text
-        with pytest.raises(RuntimeError, match="not available"):
-            native.q4_linear(torch.zeros(1, 32), *native.pack_q4(torch.zeros(8, 32), torch.ones(8, 1),
-                                                                   torch.zeros(8, 1)))
-        native._lib.cache_clear()
-        monkeypatch.delenv("CC")
-        monkeypatch.setenv("LLAMASERVE_NATIVE", "0")
-        assert not native.available()
-    finally:
-        native._lib.cache_clear()
+def test_parts_of_different_types_fill_their_own_columns(two_threads):
+    """A fused q/k/v whose v is Q6_K: three parts, each writing its rows' columns of y."""
+    k, pieces = 512, [(QT.Q4_K, 24), (QT.Q8_0, 8), (QT.Q6_K, 16)]
+    raws = [random_blocks(q, n, k, seed=i) for i, (q, n) in enumerate(pieces)]
+    weight = native.NativeWeight(k, [(q, formats.pack(q, formats.unpack(q, r, n, k)))
+                                     for (q, n), r in zip(pieces, raws, strict=True)])
+    assert weight.n == 48 and weight.types() == ["Q4_K", "Q8_0", "Q6_K"]
+    w = torch.cat([torch.from_numpy(dequantize(r, q).reshape(n, k))
+                   for (q, n), r in zip(pieces, raws, strict=True)])
+    x = torch.randn(5, k)
+    ref = x.double() @ w.double().T
+    bound = act_quant_bound(x, w).double() * 1.01 + 1e-5
+    assert bool(((weight.matmul(x).double() - ref).abs() <= bound).all())
 
 
 @needs_native
-def test_build_is_cached_and_survives_an_unwritable_cache(monkeypatch, tmp_path):
-    native._lib.cache_clear()
+def test_the_c_side_refuses_what_it_cannot_trust():
+    raw = random_blocks(QT.Q4_K, 8, 256, seed=0)
+    bufs = formats.pack(QT.Q4_K, formats.unpack(QT.Q4_K, raw, 8, 256))
+    with pytest.raises(ValueError, match="refused"):
+        native.NativeWeight(288, [(QT.Q4_K, bufs)])  # k not a multiple of 256 for a K type
+    with pytest.raises(ValueError, match="refused"):
+        native.NativeWeight(256, [(QT.Q4_K, {**bufs, "sc": torch.empty(0, dtype=torch.int8)})])  # no scales
+    weight = native.NativeWeight(256, [(QT.Q4_K, bufs)])
+    with pytest.raises(ValueError, match="does not fit"):
+        weight.matmul(torch.zeros(1, 128))
+    # The fused decode step checks its sizes: head_dim 1024 is above the kernel's limit.
+    lib = native.kernels().lib
+    cfg = torch.tensor([1, 1, 1024, 1, 1, 1024, 8, 32], dtype=torch.int64)
+    x = torch.zeros(1, 1024)
+    zeros = torch.zeros(64, dtype=torch.int64)
+    ptrs = torch.zeros(7, dtype=torch.int64)
+    rc = lib.ls_decode_layers(cfg.data_ptr(), ctypes.c_float(1e-5), x.data_ptr(), x.data_ptr(), x.data_ptr(),
+                              zeros.data_ptr(), zeros.data_ptr(), zeros.data_ptr(), ptrs.data_ptr())
+    assert rc == native.LS_EINVAL
+    assert native.kernels().lib.ls_sizeof_linear() == ctypes.sizeof(native.LsLinear)
+
+
+def test_a_kernel_cache_others_can_write_or_own_is_refused(tmp_path, monkeypatch, caplog):
+    cache = tmp_path / "llamaserve"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native.cache_dir() == cache
+    os.chmod(cache, 0o770)  # group-writable: another user could plant a library
+    with pytest.raises(PermissionError, match="writable by group"):
+        native.check_private_dir(cache)
+    with caplog.at_level(logging.WARNING, logger=native.log.name):
+        fresh = native.cache_dir()
+    assert fresh != cache and "refused" in caplog.text
+    assert fresh.stat().st_mode & 0o077 == 0 and fresh.stat().st_uid == os.getuid()
+    os.chmod(cache, 0o700)
+    if os.getuid() == 0:  # root can give the directory away: owned by someone else is refused too
+        os.chown(cache, 65534, 65534)
+        with pytest.raises(PermissionError, match="owned by uid 65534"):
+            native.check_private_dir(cache)
+        assert native.cache_dir() != cache
+    link = tmp_path / "link"
+    link.symlink_to(fresh)
+    with pytest.raises(PermissionError, match="not a directory"):
+        native.check_private_dir(link)
+
+
+@needs_native
+def test_build_is_cached_in_a_private_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    variant = native.supported_variants()[-1]
+    first = native._build(variant)
+    assert first.parent == tmp_path / "llamaserve" and first.parent.stat().st_mode & 0o777 == 0o700
+    mtime = first.stat().st_mtime_ns
+    assert native._build(variant) == first and first.stat().st_mtime_ns == mtime  # not rebuilt
+    assert not [p for p in first.parent.iterdir() if p != first]  # no temporary files left
+
+
+def test_unavailable_kernels_fall_back_and_say_why(monkeypatch, caplog):
+    native.kernels.cache_clear()
     try:
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-        first = native._build()
-        assert first.parent == tmp_path / "llamaserve" and first.exists()
-        mtime = first.stat().st_mtime_ns
-        assert native._build() == first and first.stat().st_mtime_ns == mtime  # not rebuilt
-        assert not [p for p in first.parent.iterdir() if p != first]  # no temporary files left
-        blocked = tmp_path / "file"
-        blocked.write_text("")
-        monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # a file where the cache folder would go
-        assert native._build().exists()
+        monkeypatch.setenv("CC", "/nonexistent/cc")
+        monkeypatch.setattr(native, "supported_variants", lambda: ["avx2"])
+        with caplog.at_level(logging.WARNING, logger=native.log.name):
+            assert not native.available()
+        assert "unavailable" in caplog.text and "nonexistent" in native.info()
+        with pytest.raises(RuntimeError, match="not available"):
+            native._require()
+        native.kernels.cache_clear()
+        monkeypatch.delenv("CC")
+        monkeypatch.setenv("LLAMASERVE_KERNELS", "torch")
+        assert not native.available() and "LLAMASERVE_KERNELS=torch" in native.info()
+        native.kernels.cache_clear()
+        monkeypatch.setenv("LLAMASERVE_KERNELS", "avx512vnni")
+        monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+        assert not native.available() and "lacks" in native.info() and "avx512_vnni" in native.info()
+        native.kernels.cache_clear()
+        monkeypatch.setenv("LLAMASERVE_KERNELS", "sse9")
+        assert not native.available() and "not one of" in native.info()
+        native.kernels.cache_clear()
+        monkeypatch.setenv("LLAMASERVE_KERNELS", "auto")
+        monkeypatch.setattr(native, "supported_variants", lambda: [])
+        assert not native.available() and "lacks AVX2" in native.info()
     finally:
-        native._lib.cache_clear()
+        native.kernels.cache_clear()
 
 
 @needs_native
 def test_kernels_run_inside_torch_compile():
-    g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (40, 64), dtype=torch.uint8, generator=g)
-    qs, d, m = native.pack_q4(q, torch.rand(40, 2, generator=g) * 0.1, -torch.rand(40, 2, generator=g))
-    x = torch.randn(3, 64, generator=g)
-    compiled = torch.compile(lambda t: native.linear_q4(t * 2, qs, d, m).relu(), fullgraph=True)
-    assert torch.equal(compiled(x), native.q4_linear(x * 2, qs, d, m).relu())
-
-
-@needs_native
-def test_mismatched_shapes_are_refused_not_read_out_of_bounds():
-    qs, d, m = native.pack_q4(torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 2), torch.zeros(8, 2))
-    with pytest.raises(ValueError, match="does not fit"):
-        native.q4_linear(torch.zeros(1, 32), qs, d, m)
-    with pytest.raises(ValueError, match="does not fit"):
-        native.q4_linear(torch.zeros(1, 64, dtype=torch.float64), qs, d, m)
-
-
-@needs_native
-def test_q4_0_stores_no_m_and_gives_the_same_result():
-    g = torch.Generator().manual_seed(5)
-    q = torch.randint(0, 16, (16, 64), dtype=torch.uint8, generator=g)
-    d = torch.rand(16, 2, generator=g) * 0.1
-    implied = native.pack_q4(q, d, None)
-    stored = native.pack_q4(q, d, -8 * d)
-    assert implied[2].numel() == 0 and stored[2].numel() == 16 * 2
-    assert torch.equal(native.dequantize_q4(*implied), native.dequantize_q4(*stored))
-    x = torch.randn(3, 64, generator=g)
-    assert torch.equal(native.q4_linear(x, *implied), native.q4_linear(x, *stored))
+    raw = random_blocks(QT.Q4_0, 40, 64, seed=3)
+    weight = native.NativeWeight(64, [(QT.Q4_0, formats.pack(QT.Q4_0, formats.unpack(QT.Q4_0, raw, 40, 64)))])
+    x = torch.randn(3, 64)
+    compiled = torch.compile(lambda t: native.matmul(t * 2, weight).relu(), fullgraph=True)
+    assert torch.equal(compiled(x), weight.matmul(x * 2).relu())

@@ -47,7 +47,7 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def ours():
-    net, source = load_model(None)
+    net, source = load_model(None, quantization="none")
     assert source.kind == "gguf"
     assert net.tok_embeddings.weight.dtype == torch.float32  # "auto" on CPU for a small model
     return net

@@ -1,0 +1,83 @@
+// The C ABI of llamaserve's CPU kernels (mirrored by ctypes structures in model/native.py) and the
+// per-ISA primitives. One source builds every variant: avx2 (AVX2 + FMA + F16C), avxvnni and avx512vnni
+// (the same code with VNNI's vpdpbusd for the u8 x s8 dot products, in its VEX or EVEX encoding).
+#pragma once
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LS_ABI_VERSION 2
+#define LS_MAX_PARTS 3
+#define LS_OK 0
+#define LS_ENOMEM (-1)
+#define LS_EINVAL (-2)
+#define QK 32  // values per block: activations and weights are quantized per block of 32
+
+// Weight formats (see gemm.c for the layouts). The numbering is part of the ABI.
+enum {
+    LS_Q4_0 = 1, LS_Q4_1, LS_Q5_0, LS_Q5_1, LS_Q8_0, LS_Q2_K, LS_Q3_K, LS_Q4_K, LS_Q5_K, LS_Q6_K,
+    LS_NUM_FORMATS
+};
+
+// One stack of rows of a linear's weight in one format; a linear is 1..3 parts side by side in its
+// output (a fused q/k/v whose v is Q6_K while q and k are Q4_K has three). Every field is 8 bytes.
+typedef struct {
+    int64_t fmt, rows;       // LS_*, rows of this part (a multiple of 8)
+    const void *q;           // low nibbles (uint8), or int8 values for Q8_0
+    const uint8_t *hi;       // high-bit planes (5- and 6-bit formats), else NULL
+    const uint16_t *d, *m;   // float16: scale and min per block; per super-block for K formats
+    const int8_t *sc, *mn;   // K formats: integer scale (and min) per sub-block, else NULL
+} ls_part;
+
+typedef struct {
+    int64_t k, n, nparts;    // in_features (a multiple of 32), out_features (sum of the parts' rows)
+    ls_part part[LS_MAX_PARTS];
+} ls_linear;
+
+// Activations quantized to int8 per block of 32: scale d per block, d * sum(q) per half block.
+typedef struct {
+    int8_t *q;
+    float *d, *s;
+    int64_t M, K;
+} ls_acts;
+
+int ls_acts_init(ls_acts *a, const float *x, int64_t M, int64_t K);
+void ls_acts_free(ls_acts *a);
+int ls_linear_check(const ls_linear *lin);
+int ls_linear_apply(const ls_linear *lin, const ls_acts *a, float *y);
+int ls_matmul(const ls_linear *lin, const float *x, int64_t M, float *y);
+
+#if defined(LS_AVX512VNNI)
+#define LS_VARIANT "avx512vnni"
+#define DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
+#define LS_VNNI 1
+#elif defined(LS_AVXVNNI)
+#define LS_VARIANT "avxvnni"
+#define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
+#define LS_VNNI 1
+#else
+#define LS_VARIANT "avx2"
+#define LS_VNNI 0
+#endif
+
+#define AI static inline __attribute__((always_inline))
+
+AI __m256i bcast4(const int8_t *p) {  // 4 int8 activations to all 8 lanes
+    int32_t v;
+    memcpy(&v, p, sizeof v);  // (no aliasing of int8 memory through an int32 pointer)
+    return _mm256_set1_epi32(v);
+}
+
+AI float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AI int hsum8i(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
