@@ -63,7 +63,6 @@ def test_the_7b_plan_has_llama2_7bs_parameters_and_file_size(script: ModuleType)
     assert 3.82e9 < size < 3.84e9  # llama.cpp's llama-2-7b.Q4_0.gguf: 3.83 GB
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
 def test_the_q4_k_m_recipe_gives_q6_k_to_llama_cpps_more_bits_layers(script: ModuleType) -> None:
     plan = script.tensor_plan(32, 4096, 11008, 32, 32, 32000, QT.Q4_K, QT.Q6_K, QT.Q6_K)
     q6 = sorted(int(n.split(".")[1]) for n, _, t in plan if t == QT.Q6_K and n.endswith("attn_v.weight"))
@@ -74,6 +73,7 @@ def test_the_q4_k_m_recipe_gives_q6_k_to_llama_cpps_more_bits_layers(script: Mod
     assert Counter(t for _, _, t in plan) == Counter({QT.Q4_K: 32 * 7 - 32 + 1, QT.Q6_K: 33, QT.F32: 65})
 
 
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda q: q.name)
 def test_random_blocks_are_finite_with_the_intended_spread(script: ModuleType, qtype: QT) -> None:
     raw = script.random_blocks(np.random.default_rng(0), 64, 512, qtype)
     w = dequantize(raw, qtype)

@@ -136,7 +136,7 @@ def dequantize(qtype: QT, w: Unpacked) -> torch.Tensor:
     """The float32 [rows, cols] weight that `w` stands for (GGUF's formula)."""
     f = FORMATS[qtype]
     rows, cols = w.u.shape
-    v = torch.from_numpy(w.u.astype(np.float32)).view(rows, -1, f.sub)
+    v = torch.from_numpy(np.ascontiguousarray(w.u, dtype=np.float32)).view(rows, -1, f.sub)
     d = torch.from_numpy(w.d.astype(np.float32))
     m = None if w.m is None else torch.from_numpy(w.m.astype(np.float32))
     if f.k_type:
@@ -217,4 +217,4 @@ def unpack_q8_0(bufs: dict[str, torch.Tensor]) -> Unpacked:
     g, nb = bufs["q"].shape[:2]
     q = bufs["q"].view(g, nb, 8, 8, 4).permute(0, 3, 1, 2, 4).reshape(g * 8, nb * GROUP)
     d = bufs["d"].transpose(1, 2).reshape(g * 8, nb)
-    return Unpacked(q.numpy(), d.numpy(), None)
+    return Unpacked(q.contiguous().numpy(), d.contiguous().numpy(), None)
