@@ -42,7 +42,12 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_blocks * block_size, 2 * num_kv_heads, head_dim)
-        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Uninitialised: the OS commits a pool's pages as blocks are first written, so RSS grows with the
+        # tokens held, not with --kv-cache-memory. Every slot is written before it is read, except slot 0,
+        # which pads each sequence's context row (masked, but 0 x NaN is NaN): it is zeroed.
+        self.kv = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        for pool in self.kv:
+            pool[0].zero_()
 
     @staticmethod
     def bytes_per_block(

@@ -9,8 +9,8 @@
 // results come out in one vector with no horizontal sums. Per (group, block of 32):
 //   q   128 bytes of nibbles: byte [c][r][e] holds row r's value 4c + e (low nibble) and 4 (c + 4) + e
 //       (high nibble), c < 4; for Q8_0 instead 256 int8 values [c][r][e], c < 8;
-//   hi  5-bit types: 32 bytes [r][e] whose bit c is bit 4 of value 4c + e; 6-bit types: a second such
-//       plane for bit 5;
+//   hi  5-bit types: 32 bytes [r][e] whose bit c is bit 4 of value 4c + e; 6-bit types: 2 x 32 bytes,
+//       vector h's byte [r][e] holding bits 4-5 of value 4 (4h + j) + e in its bits 2j, 2j + 1;
 //   d/m float16 [8] (one per row) scale and min: per block for Q4_0..Q5_1 and Q8_0; per super-block of
 //       256 (every 8 blocks) for K types, whose sub-blocks (32 values, or 16 for Q2_K/Q3_K/Q6_K) carry
 //   sc/mn int8 [sub-blocks][8] scale and min multipliers.
@@ -106,7 +106,7 @@ AI void group_u(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
     const uint16_t *d = p->d + g * nscale * 8, *m = HASM ? p->m + g * nscale * 8 : NULL;
     const int8_t *sc = KQ ? p->sc + g * nb * ns * 8 : NULL;
     const int8_t *mn = KQ && HASM ? p->mn + g * nb * ns * 8 : NULL;
-    const __m256i low = _mm256_set1_epi8(0x0f), bit = _mm256_set1_epi8(0x01);
+    const __m256i low = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10), bits45 = _mm256_set1_epi8(0x30);
     __m256 acc[MTILE], accm[MTILE], dS, mS = _mm256_setzero_ps();
     for (int j = 0; j < MTILE; j++) acc[j] = accm[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -116,11 +116,21 @@ AI void group_u(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
             wv[c] = _mm256_and_si256(v, low);
             wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         }
-        for (int h = 0; h < HI; h++) {  // bit 4 + h of value 4c + e is bit c of plane h's byte [r][e]
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(hi + b * 32 * HI + 32 * h));
-            for (int c = 0; c < 8; c++)
-                wv[c] = _mm256_or_si256(wv[c], _mm256_slli_epi16(
-                    _mm256_and_si256(_mm256_srli_epi16(v, c), bit), 4 + h));
+        // One shift and one mask put a chunk's high bits in place (they never cross a byte: see formats.py).
+        if (HI == 1) {  // bit 4 of value 4c + e is bit c of byte [r][e]
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(hi + b * 32));
+            for (int c = 0; c < 8; c++) {
+                const __m256i t = c <= 4 ? _mm256_slli_epi16(v, 4 - c) : _mm256_srli_epi16(v, c - 4);
+                wv[c] = _mm256_or_si256(wv[c], _mm256_and_si256(t, bit4));
+            }
+        } else if (HI == 2) {  // bits 4-5 of value 4 (4h + j) + e are bits 2j, 2j + 1 of vector h's byte [r][e]
+            for (int h = 0; h < 2; h++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(hi + b * 64 + 32 * h));
+                for (int j = 0; j < 4; j++) {
+                    const __m256i t = j <= 2 ? _mm256_slli_epi16(v, 4 - 2 * j) : _mm256_srli_epi16(v, 2);
+                    wv[4 * h + j] = _mm256_or_si256(wv[4 * h + j], _mm256_and_si256(t, bits45));
+                }
+            }
         }
         __m256 s8[2], m8[2];
         if (KQ) {
