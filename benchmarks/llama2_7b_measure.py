@@ -110,19 +110,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_llama_server(binary: str, path: Path, threads: int, streams: int, log: Path) -> tuple[Any, str]:
-    """Start llama-server on the file and wait until /health says the model is loaded."""
+def start_server(cmd: list[str], log: Path) -> Any:
+    """Start a server (its command line without the port) and wait until /health answers 200."""
     import httpx
 
     port = free_port()
-    flags = f"--host 127.0.0.1 --port {port} -c 4096 -np {streams} -t {threads}".split()
     with log.open("wb") as out:
-        proc = subprocess.Popen([binary, "-m", str(path), *flags], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return proc, url
@@ -130,19 +130,23 @@ def start_llama_server(binary: str, path: Path, threads: int, streams: int, log:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"llama-server did not become healthy in 600 s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"{cmd[0]} did not become healthy in 900 s:\n{log.read_text()[-3000:]}")
+
+
+def llama_server_cmd(binary: str, path: Path, threads: int, streams: int) -> list[str]:
+    return [binary, "-m", str(path), "-c", "4096", "-np", str(streams), "-t", str(threads)]
+
+
+def llamaserve_cmd(path: Path) -> list[str]:
+    """Ours as a user starts it: no flags but the model (the defaults are what is measured)."""
+    return [str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "llamaserve"), "serve",
+            "--model", str(path), "--no-access-log"]
 
 
 def stream_completion(client: Any, url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
     """(first token time, last token time, tokens) of one streamed /v1/completions request."""
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "n_predict": max_tokens,
-        "ignore_eos": True,
-        "temperature": 0.0,
-        "stream": True,
-    }
+    body = {"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0,
+            "stream": True, "stream_options": {"include_usage": True}}
     first, last, chunks, counted = 0.0, 0.0, 0, None
     with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
@@ -172,31 +176,45 @@ def server_run(client: Any, url: str, prompts: list[str], max_tokens: int) -> di
     return rates(start, [d[0] for d in done], [d[1] for d in done], sum(d[2] for d in done))
 
 
-def measure_llama_server(
-    binary: str, path: Path, threads: int, streams: int, max_tokens: int
-) -> dict[str, Any]:
-    """llama-server as a child process; its load time is start to a healthy /health."""
+def long_prompt(tokens: int, count: Any) -> str:
+    """A prose prompt of about `tokens` tokens, as `count` (text -> token count) measures it."""
+    sentence = "The old lighthouse keeper wrote in his journal every night about the ships and the sea. "
+    text = sentence
+    while count(text + sentence) <= tokens:
+        text += sentence
+    return text
+
+
+def measure_server(label: str, cmd: list[str], pid_of: Any, streams: int, max_tokens: int,
+                   ttft_prompt: str | None) -> dict[str, Any]:
+    """A server as a child process, over its OpenAI /v1/completions stream; its load time is start to a
+    healthy /health. `pid_of(proc)` gives the process whose memory counts. With ttft_prompt, the time to
+    the first token of that prompt alone (median of 3) is measured too."""
     import httpx
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        proc, url = start_llama_server(binary, path, threads, streams, Path(tmp) / "llama-server.log")
+        proc, url = start_server(cmd, Path(tmp) / "server.log")
         try:
             result: dict[str, Any] = {
-                "engine": "llama-server",
+                "engine": label,
                 "load_s": round(time.perf_counter() - start, 2),
-                "after_load": memory_gb(proc.pid),
+                "after_load": memory_gb(pid_of(proc)),
             }
             prompts = prompt_texts(streams)
             with httpx.Client(limits=httpx.Limits(max_connections=2 * streams)) as client:
                 server_run(client, url, prompts[:1], 2)  # warm-up
                 result["one_stream"] = server_run(client, url, prompts[:1], max_tokens)
                 result[f"{streams}_streams"] = server_run(client, url, prompts, max_tokens)
-            result["after_generate"] = memory_gb(proc.pid)
+                if ttft_prompt is not None:  # a new prompt each time: no prefix cache can help
+                    runs = [server_run(client, url, [f"{i}. {ttft_prompt}"], 2) for i in range(3)]
+                    ttfts = sorted(r["ttft_s"] for r in runs)
+                    result["long_prompt_ttft_s"] = ttfts[1]
+            result["after_generate"] = memory_gb(pid_of(proc))
         finally:
             proc.terminate()
             try:
-                proc.wait(30)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
     return result
@@ -205,7 +223,7 @@ def measure_llama_server(
 # -- report ------------------------------------------------------------------------------------------
 HEADER = (
     "| engine | file | load s | RSS after load GB (anon + file) | peak RSS GB | 1 stream tok/s (decode) "
-    "| {n} streams tok/s (decode) |\n|---|---|---|---|---|---|---|"
+    "| {n} streams tok/s (decode) | long prompt TTFT s |\n|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -218,5 +236,6 @@ def table_row(r: dict[str, Any], file_label: str, streams: int) -> str:
     one, many = r["one_stream"], r[f"{streams}_streams"]
     return (
         f"| {r['engine']} | {file_label} | {r['load_s']} | {mem} | {peak:.2f} "
-        f"| {one['tok_s']} ({one['decode_tok_s']}) | {many['tok_s']} ({many['decode_tok_s']}) |"
+        f"| {one['tok_s']} ({one['decode_tok_s']}) | {many['tok_s']} ({many['decode_tok_s']}) "
+        f"| {r.get('long_prompt_ttft_s', '-')} |"
     )
