@@ -177,13 +177,17 @@ def pack(qtype: QT, w: Unpacked) -> dict[str, torch.Tensor]:
         q = (t[:, :, :4] | (t[:, :, 4:] << 4)).contiguous().view(n // 8, k // GROUP, 128)
     hi = empty
     if f.hi_planes == 1:  # byte [r][e], bit c = bit 4 of value 4c + e
-        bits = _interleave((u >> 4) & 1).to(torch.int32)  # [G, nb, 8 c, 8 r, 4 e]
-        shifted = bits << torch.arange(8, dtype=torch.int32).view(1, 1, 8, 1, 1)
-        hi = shifted.sum(2).to(torch.uint8).view(n // 8, k // GROUP, 32)
+        bits = _interleave((u >> 4) & 1)  # [G, nb, 8 c, 8 r, 4 e]
+        hi = bits[:, :, 0].clone()
+        for c in range(1, 8):
+            hi |= bits[:, :, c] << c
+        hi = hi.contiguous().view(n // 8, k // GROUP, 32)
     elif f.hi_planes == 2:  # vector h's byte [r][e], bits 2j..2j+1 = bits 4-5 of value 4 (4h + j) + e
-        bits = _interleave((u >> 4) & 3).to(torch.int32).view(n // 8, k // GROUP, 2, 4, 8, 4)
-        shifted = bits << (2 * torch.arange(4, dtype=torch.int32)).view(1, 1, 1, 4, 1, 1)
-        hi = shifted.sum(3).to(torch.uint8).contiguous().view(n // 8, k // GROUP, 64)
+        bits = _interleave((u >> 4) & 3).reshape(n // 8, k // GROUP, 2, 4, 8, 4)
+        hi = bits[:, :, :, 0].clone()
+        for j in range(1, 4):
+            hi |= bits[:, :, :, j] << (2 * j)
+        hi = hi.contiguous().view(n // 8, k // GROUP, 64)
     out = {
         "q": q,
         "hi": hi,

@@ -144,3 +144,21 @@ def test_int8_linear_rounds_per_row_or_block_and_stays_close_to_dense(kernels):
 
 def test_shapes_the_native_kernels_cannot_take_use_torchs():
     assert not Int8Linear(torch.randn(12, 64), torch.bfloat16).native  # rows not a multiple of 8
+
+
+def test_gguf_linear_packs_big_tensors_in_slices_and_joins_them(monkeypatch):
+    if not native.available():
+        pytest.skip("native kernels unavailable here")
+    from tests.checkpoints import random_k_blocks
+
+    raw = random_k_blocks(np.random.default_rng(2), 64, 256, QT.Q6_K)
+    whole = GGUFLinear(256, 64)
+    whole.load_rows(0, RawTensor(QT.Q6_K, torch.from_numpy(raw.copy()), 256))
+    monkeypatch.setattr("llamaserve.model.quant.PACK_ROWS", 16)  # four slices of 16 rows
+    sliced = GGUFLinear(256, 64)
+    sliced.load_rows(0, RawTensor(QT.Q6_K, torch.from_numpy(raw.copy()), 256))
+    assert sliced.native_weight.types() == ["Q6_K"]  # joined into one part
+    for k, v in whole.native_weight.parts[0][1].items():
+        assert torch.equal(v, sliced.native_weight.parts[0][1][k]), k
+    x = torch.randn(3, 256)
+    assert torch.equal(whole(x), sliced(x))

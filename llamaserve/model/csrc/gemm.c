@@ -23,6 +23,9 @@
 
 #define MTILE 4     // activation rows that share one unpacked weight block
 #define MCHUNK 128  // activation rows per pass over all weights (keeps them in L2 for long prompts)
+// Blocks ahead to prefetch: one M=1 pass is memory-bound and the hardware prefetcher alone left 25% of
+// the bandwidth unused (Zen 3, 2 threads, Q4_K 11008 x 4096 from DRAM: 1.39 -> 1.06 ms).
+#define PF 8
 
 // One block of 32 floats -> 32 int8 values, its scale d and d * sum(q) of each half.
 static inline void quantize_block(const float *x, int8_t *q, float *d, float *s) {
@@ -111,6 +114,9 @@ AI void group_u(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
     for (int j = 0; j < MTILE; j++) acc[j] = accm[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         __m256i wv[8];
+        _mm_prefetch((const char *)(lo + (b + PF) * 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(lo + (b + PF) * 128 + 64), _MM_HINT_T0);
+        if (HI) _mm_prefetch((const char *)(hi + (b + PF) * 32 * HI), _MM_HINT_T0);
         for (int c = 0; c < 4; c++) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(lo + b * 128 + 32 * c));
             wv[c] = _mm256_and_si256(v, low);
@@ -178,6 +184,7 @@ AI void group_q8(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int 
     for (int j = 0; j < MTILE; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const __m256 d8 = cvt_f16x8(d + 8 * b);
+        for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(w + (b + PF) * 256 + 64 * i), _MM_HINT_T0);
         __m256i s[MTILE];
         for (int j = 0; j < MT; j++) s[j] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++) {
