@@ -9,6 +9,7 @@ torch's kernels. Libraries are cached in a private directory (0700, ours), never
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -38,7 +39,10 @@ VARIANTS: dict[str, tuple[list[str], set[str]]] = {
                    {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}),
     "avxvnni": (["-mavxvnni", "-DLS_AVXVNNI"], {"avx2", "fma", "f16c", "avx_vnni"}),
     "avx2": ([], {"avx2", "fma", "f16c"}),
+    # The VNNI code path with vpdpbusd emulated on AVX2: never chosen, forced by tests on CPUs without VNNI.
+    "vnni-emulated": (["-DLS_VNNI_EMULATED"], {"avx2", "fma", "f16c"}),
 }
+AUTO = ("avx512vnni", "avxvnni", "avx2")  # what "auto" picks from, best first
 ABI_VERSION = 2
 MAX_PARTS = 3
 LS_ENOMEM, LS_EINVAL = -1, -2
@@ -80,9 +84,10 @@ def _choose() -> tuple[str | None, str]:
     if forced == "torch":
         return None, "LLAMASERVE_KERNELS=torch"
     if forced == "auto":
-        if not supported:
+        best = [v for v in supported if v in AUTO]
+        if not best:
             return None, f"the CPU ({platform.machine()}) lacks AVX2, FMA or F16C"
-        return supported[0], ""
+        return best[0], ""
     if forced not in VARIANTS:
         return None, f"LLAMASERVE_KERNELS={forced!r} is not one of auto, torch, {', '.join(VARIANTS)}"
     if forced not in supported:
@@ -115,6 +120,7 @@ def cache_dir() -> Path:
         return path
     except OSError as e:
         fresh = Path(tempfile.mkdtemp(prefix="llamaserve-kernels-"))  # 0700, a random name
+        atexit.register(shutil.rmtree, fresh, True)  # (a loaded library may be unlinked on Linux)
         log.warning("kernel cache %s refused (%s): building into %s", path, e, fresh)
         return fresh
 
@@ -191,7 +197,7 @@ def info() -> str:
     """One line for `llamaserve info` and the load log: the variant in use, or why there is none."""
     k = kernels()
     if k.lib is not None:
-        return f"native {k.variant} (CPU supports: {', '.join(supported_variants())})"
+        return f"native {k.variant} (CPU supports: {', '.join(v for v in supported_variants() if v in AUTO)})"
     return f"torch's kernels ({k.reason})"
 
 

@@ -55,6 +55,13 @@ int ls_matmul(const ls_linear *lin, const float *x, int64_t M, float *y);
 #define LS_VARIANT "avxvnni"
 #define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
 #define LS_VNNI 1
+#elif defined(LS_VNNI_EMULATED)
+// The VNNI code path on plain AVX2, for testing it where no CPU here has VNNI: vpdpbusd is emulated with
+// vpmaddubsw + vpmaddwd, exact for our operands (a pair sums to at most 2 x 128 x 127 < 32767).
+#define LS_VARIANT "vnni-emulated"
+#define DPBUSD(acc, u, s) \
+    _mm256_add_epi32((acc), _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1)))
+#define LS_VNNI 1
 #else
 #define LS_VARIANT "avx2"
 #define LS_VNNI 0
