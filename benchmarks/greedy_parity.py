@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -92,11 +91,7 @@ def llama_server(binary: str, path: Path, prompts: list[list[int]], eos: set[int
                 out.append(until_eos(r.json()["tokens"], eos))
             return out
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            m.stop_server(proc)
 
 
 def score(runs: list[list[int]], ref: list[list[int]]) -> tuple[int, float]:

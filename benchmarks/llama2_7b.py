@@ -388,12 +388,11 @@ def measure(args: argparse.Namespace) -> None:
         print(f"long prompt: {len(tok.encode(ttft_prompt))} tokens (our tokenizer)")
     if args.measure:  # ours, served with no flags
         cmd = m.llamaserve_cmd(args.out)
-        results.append(m.measure_server("llamaserve (defaults)", cmd, lambda p: p.pid, args.streams,
-                                        args.max_tokens, ttft_prompt))
+        results.append(m.measure_server("llamaserve (defaults)", cmd, args.streams, args.max_tokens,
+                                        ttft_prompt))
     if args.llama_server:
         cmd = m.llama_server_cmd(args.llama_server, args.out, args.threads, args.streams)
-        results.append(m.measure_server("llama-server", cmd, lambda p: p.pid, args.streams, args.max_tokens,
-                                        ttft_prompt))
+        results.append(m.measure_server("llama-server", cmd, args.streams, args.max_tokens, ttft_prompt))
     label = f"{qtype}, {layers} layers, {args.out.stat().st_size / 1e9:.2f} GB"
     print(m.HEADER.format(n=args.streams))
     for r in results:

@@ -1,4 +1,4 @@
-"""Load time, memory and tok/s of our engine, or of llama-server, on one GGUF file (used by llama2_7b.py).
+"""Load time, memory and tok/s of our server, or of llama-server, on one GGUF file (used by llama2_7b.py).
 
 Both are measured the same way: greedy, ignore_eos, max_tokens each; one stream, then N streams at once.
 tok/s counts from submission to the last token (prefill included); decode tok/s from the moment every stream
@@ -8,9 +8,7 @@ file-backed pages (weights read through a memory map count there, and the kernel
 
 from __future__ import annotations
 
-import copy
 import json
-import resource
 import socket
 import subprocess
 import tempfile
@@ -52,55 +50,6 @@ def rates(start: float, firsts: list[float], ends: list[float], tokens: int) -> 
         "ttft_s": round(max(firsts) - start, 3),
         "tokens": tokens,
     }
-
-
-def engine_run(engine: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
-    """Greedy, ignore_eos; timestamps of each request's first and last token, read off engine.step()."""
-    from llamaserve.engine.sampling_params import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    ids = [f"bench-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-    start = time.perf_counter()
-    for rid, prompt in zip(ids, prompts, strict=True):
-        engine.add_request(rid, prompt, copy.deepcopy(params))
-    firsts: dict[str, float] = {}
-    ends: dict[str, float] = {}
-    tokens = 0
-    while engine.has_unfinished:
-        for out in engine.step():
-            now = time.perf_counter()
-            tokens += sum(len(c.token_ids) for c in out.outputs)
-            firsts.setdefault(out.request_id, now)
-            ends[out.request_id] = now
-    return rates(start, list(firsts.values()), list(ends.values()), tokens)
-
-
-def measure_engine(path: Path, quantization: str, streams: int, max_tokens: int) -> dict[str, Any]:
-    """Our engine in this process on the CPU, a 1 GB KV cache, up to `streams` sequences.
-
-    dtype "auto": with int4/int8 the dense weights are bfloat16 and the activations and KV cache float32;
-    without quantization, bfloat16 throughout (a 7B model)."""
-    from llamaserve.config import EngineConfig
-    from llamaserve.engine.llm_engine import LLMEngine
-
-    config = EngineConfig(
-        quantization=quantization, dtype="auto", device="cpu", kv_cache_memory=1.0, max_num_seqs=streams
-    )
-    start = time.perf_counter()
-    engine = LLMEngine.from_model(str(path), config)
-    result: dict[str, Any] = {
-        "engine": f"llamaserve ({quantization}, {str(engine.runner.model.dtype).removeprefix('torch.')})",
-        "load_s": round(time.perf_counter() - start, 2),  # weights, tokenizer (cached) and KV cache
-        "weights_load_s": round(engine.runner.model.load_seconds, 2),
-        "after_load": memory_gb(),
-    }
-    prompts = [engine.tokenizer.encode(text) for text in prompt_texts(streams)]
-    engine_run(engine, prompts[:1], 2)  # warm-up
-    result["one_stream"] = engine_run(engine, prompts[:1], max_tokens)
-    result[f"{streams}_streams"] = engine_run(engine, prompts, max_tokens)
-    result["after_generate"] = memory_gb()
-    result["ru_maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
-    return result
 
 
 # -- llama-server (the reference), over its OpenAI endpoint -------------------------------------------
@@ -185,11 +134,20 @@ def long_prompt(tokens: int, count: Any) -> str:
     return text
 
 
-def measure_server(label: str, cmd: list[str], pid_of: Any, streams: int, max_tokens: int,
+def stop_server(proc: Any, timeout: float = 60) -> None:
+    """SIGTERM, then SIGKILL after `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def measure_server(label: str, cmd: list[str], streams: int, max_tokens: int,
                    ttft_prompt: str | None) -> dict[str, Any]:
-    """A server as a child process, over its OpenAI /v1/completions stream; its load time is start to a
-    healthy /health. `pid_of(proc)` gives the process whose memory counts. With ttft_prompt, the time to
-    the first token of that prompt alone (median of 3) is measured too."""
+    """A server as a child process (whose memory counts), over its OpenAI /v1/completions stream; its
+    load time is start to a healthy /health. With ttft_prompt, the time to the first token of that
+    prompt alone (median of 3) is measured too."""
     import httpx
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,7 +157,7 @@ def measure_server(label: str, cmd: list[str], pid_of: Any, streams: int, max_to
             result: dict[str, Any] = {
                 "engine": label,
                 "load_s": round(time.perf_counter() - start, 2),
-                "after_load": memory_gb(pid_of(proc)),
+                "after_load": memory_gb(proc.pid),
             }
             prompts = prompt_texts(streams)
             with httpx.Client(limits=httpx.Limits(max_connections=2 * streams)) as client:
@@ -210,13 +168,9 @@ def measure_server(label: str, cmd: list[str], pid_of: Any, streams: int, max_to
                     runs = [server_run(client, url, [f"{i}. {ttft_prompt}"], 2) for i in range(3)]
                     ttfts = sorted(r["ttft_s"] for r in runs)
                     result["long_prompt_ttft_s"] = ttfts[1]
-            result["after_generate"] = memory_gb(pid_of(proc))
+            result["after_generate"] = memory_gb(proc.pid)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     return result
 
 

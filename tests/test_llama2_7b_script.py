@@ -283,12 +283,15 @@ def test_tokenizer_loads_through_transformers(script: ModuleType, tmp_path: Path
     assert ids[0] == 1 and max(ids) < 512
 
 
-def test_engine_measurement_counts_every_token(script: ModuleType, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("LLAMASERVE_CACHE", str(tmp_path / "cache"))
+def test_served_measurement_counts_every_token(script: ModuleType, tmp_path: Path, monkeypatch) -> None:
+    """Our server started as the benchmark starts it (no flags but the model), driven over HTTP."""
+    monkeypatch.setenv("LLAMASERVE_CACHE", str(tmp_path / "cache"))  # inherited by the server
     measure = load_benchmark("llama2_7b_measure")
     path = script.write_gguf(tmp_path / "tiny.gguf", QT.Q4_0, 2, output_qtype=QT.Q4_0, **TINY)
-    result = measure.measure_engine(path, "int4", streams=3, max_tokens=5)
+    result = measure.measure_server("ours", measure.llamaserve_cmd(path), streams=3, max_tokens=5,
+                                    ttft_prompt="the quick brown fox " * 8)
     assert result["one_stream"]["tokens"] == 5 and result["3_streams"]["tokens"] == 15
+    assert result["long_prompt_ttft_s"] > 0
     assert result["after_generate"]["peak_rss_gb"] >= result["after_load"]["rss_gb"] > 0
     row = measure.table_row(result, "tiny", 3)
-    assert row.startswith("| llamaserve (int4, float32) | tiny |") and row.count("|") == 9
+    assert row.startswith("| ours | tiny |") and row.count("|") == 9
