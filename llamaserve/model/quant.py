@@ -33,9 +33,6 @@ class Q4Weight:
         groups = (self.q.float().view(self.q.shape[0], -1, GROUP) - 8) * self.scale[..., None]
         return (groups + self.zero[..., None]).view(self.q.shape)
 
-    def permute_rows(self, fn) -> Q4Weight:  # noqa: ANN001 (a row permutation such as unpermute_qk)
-        return Q4Weight(fn(self.q), fn(self.scale), fn(self.zero))
-
 
 def q4_from_blocks(raw: np.ndarray, qtype: QT, rows: int, cols: int) -> Q4Weight:
     """Split raw GGUF Q4_0 / Q4_1 blocks into 4-bit values and per-group scale and zero (exact)."""
@@ -209,9 +206,8 @@ class Int8Linear(nn.Module):
     def __init__(self, w: torch.Tensor, dtype: torch.dtype, chunk: int = 4096) -> None:
         super().__init__()
         self.in_features, self.out_features, self.dtype = w.shape[1], w.shape[0], dtype
-        self.native = native.available() and native.supports(self.out_features, self.in_features)
         self.native_weight: native.NativeWeight | None = None
-        if self.native:  # GGUF's Q8_0 blocks on our kernels
+        if native.available() and native.supports(self.out_features, self.in_features):  # Q8_0 blocks
             unpacked = formats.quantize_q8_0(w, chunk)
             parts = [(QT.Q8_0, formats.pack(QT.Q8_0, unpacked))]
             self.native_weight = native.NativeWeight(self.in_features, parts)
@@ -229,6 +225,10 @@ class Int8Linear(nn.Module):
             scales[start : start + chunk] = scale
         self.register_buffer("qweight", qweight, persistent=False)
         self.register_buffer("scales", scales.to(dtype), persistent=False)
+
+    @property
+    def native(self) -> bool:
+        return self.native_weight is not None
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [N, K] this layer multiplies by."""
