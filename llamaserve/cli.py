@@ -26,7 +26,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model at start-up: faster steps on CPU, but the first start "
                         "compiles for minutes (later starts reuse inductor's on-disk cache)")
-    p.add_argument("--kv-cache-memory", type=float, default=d.kv_cache_memory, help="GB for the KV cache")
+    p.add_argument("--kv-cache-memory", type=_gb_or_auto, default="auto", metavar="GB|auto",
+                   help="GB for the KV cache; auto (default): room for --max-num-seqs full contexts within "
+                        "the memory that is free, less max(1 GiB, 10%% of it); at least one full context")
+    p.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype,
+                   choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="what K/V are stored as; auto (default): float32 in the exact mode (--quantization "
+                        "none), else bfloat16 (0.5 MiB a token for Llama 2 7B); int8 halves that")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="cap on running sequences")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="per-step token budget (longer prompts are prefilled in chunks)")
@@ -34,9 +40,22 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=d.block_size, help="KV-cache block size in tokens")
 
 
+def _gb_or_auto(value: str) -> float:
+    if value == "auto":
+        return 0.0
+    try:
+        gb = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in GB or auto, got {value!r}") from None
+    if not gb > 0:
+        raise argparse.ArgumentTypeError(f"expected a size in GB > 0 or auto, got {value!r}")
+    return gb
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len, dtype=args.dtype,
         device=args.device, quantization=args.quantization, compile=args.compile,
     )
@@ -137,10 +156,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     from llamaserve.model import native
 
     print(f"CPU kernels: {native.info()}")
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-    print(f"KV cache: {kv * 4 / 1024:.1f} KiB per token (float32), "
-          f"{kv * 4 * cfg.max_position_embeddings / 1e9:.2f} GB for one full {cfg.max_position_embeddings}"
-          "-token context")
+    import torch
+
+    from llamaserve.engine.model_runner import GiB, free_memory, memory_margin
+    from llamaserve.model.kv_cache import KV_DTYPES, PagedKVCache
+
+    ctx = cfg.max_position_embeddings
+    per = {name: PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                              dtype) for name, dtype in KV_DTYPES.items()}
+    print("KV cache per token: " + ", ".join(f"{n} {b / 1024:.1f} KiB" for n, b in per.items())
+          + f"; one full {ctx:,}-token context: " + ", ".join(f"{n} {b * ctx / GiB:.2f} GiB"
+                                                              for n, b in per.items()))
+    # What `serve` with the defaults would allocate now: bfloat16 K/V (float32 for --quantization none),
+    # sized from the memory free once the weights (about the file's size; bfloat16 for safetensors) load.
+    weights = src.path.stat().st_size if src.kind == "gguf" else n * 2
+    free, total = free_memory(torch.device("cpu"))
+    room = free - weights - memory_margin(total)
+    fit = max(0, room) // per["bfloat16"]
+    want = EngineConfig().max_num_seqs * ctx
+    verdict = (f"{min(fit, want):,} tokens ({min(fit, want) / ctx:.1f} full contexts)" if fit >= ctx else
+               "not one full context: serve would refuse to start (see --max-model-len, --kv-cache-dtype "
+               "int8, --kv-cache-memory)")
+    print(f"KV cache with --kv-cache-memory auto here now: {verdict}; {free / GiB:.1f} GiB free, about "
+          f"{weights / GiB:.1f} GiB of weights, {memory_margin(total) / GiB:.1f} GiB kept free")
     return 0
 
 

@@ -134,7 +134,8 @@ class EngineConfig:
     """Limits of the engine; CLI flags map onto these fields one to one."""
 
     block_size: int = 16
-    kv_cache_memory: float = 1.0  # GB for the KV-cache pool
+    kv_cache_memory: float = 0.0  # GB for the KV-cache pool; 0: auto (sized from the memory that is free)
+    kv_cache_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8
     max_num_seqs: int = 64  # cap on running sequences
     max_batch_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
     max_model_len: int = 0  # 0: the model's context length
@@ -147,8 +148,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
-        if not self.kv_cache_memory > 0:
-            raise ValueError(f"kv_cache_memory must be > 0 GB, got {self.kv_cache_memory}")
+        if not self.kv_cache_memory >= 0:  # (also refuses NaN)
+            raise ValueError(f"kv_cache_memory must be > 0 GB, or 0 for auto; got {self.kv_cache_memory}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16", "int8"):
+            raise ValueError("kv_cache_dtype must be auto, float32, bfloat16, float16 or int8, got "
+                             f"{self.kv_cache_dtype!r}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_batch_tokens < self.block_size:

@@ -9,7 +9,7 @@ import torch
 
 from llamaserve.model.kv_cache import PagedKVCache, build_metadata
 from llamaserve.model.llama import Transformer
-from llamaserve.model.native import FusedDecoder
+from llamaserve.model.native import FusedDecoder, NativeKV
 
 
 @dataclass
@@ -22,9 +22,11 @@ class Seq:
 
 
 def new_seqs(
-    net: Transformer, prompts: list[list[int]], extra: int = 0, block_size: int = 16, seed: int = 0
+    net: Transformer, prompts: list[list[int]], extra: int = 0, block_size: int = 16, seed: int = 0,
+    kv_dtype: torch.dtype | None = None,
 ) -> tuple[PagedKVCache, list[Seq]]:
-    """A cache big enough for every prompt plus `extra` tokens; block tables shuffled and interleaved."""
+    """A cache big enough for every prompt plus `extra` tokens; block tables shuffled and interleaved.
+    The K/V dtype is the model's unless given."""
     need = [-(-(len(p) + extra) // block_size) for p in prompts]
     blocks = list(range(sum(need) + 1))  # one spare block that nobody owns
     random.Random(seed).shuffle(blocks)
@@ -34,9 +36,18 @@ def new_seqs(
         start += n
     cfg = net.config
     cache = PagedKVCache(
-        cfg.num_hidden_layers, len(blocks), block_size, cfg.num_key_value_heads, cfg.head_dim, net.dtype
+        cfg.num_hidden_layers, len(blocks), block_size, cfg.num_key_value_heads, cfg.head_dim,
+        kv_dtype or net.dtype,
     )
     return cache, seqs
+
+
+def native_pools(cache: PagedKVCache) -> list[NativeKV]:
+    """The cache's pools as our kernels see them, without switching the cache's own steps to them."""
+    if not hasattr(cache, "_test_native"):
+        scales = cache.scales or [None] * len(cache.kv)
+        cache._test_native = [NativeKV(p, s) for p, s in zip(cache.kv, scales, strict=True)]  # type: ignore[attr-defined]
+    return cache._test_native  # type: ignore[attr-defined]
 
 
 def step(
@@ -44,7 +55,8 @@ def step(
     fused: FusedDecoder | None = None,
 ) -> list[torch.Tensor]:
     """Run n new tokens of each (seq, n) in one batch; return each one's logits [n or 1, vocab].
-    With `fused`, a decode step (one token per sequence) runs as the model runner runs it, in one call."""
+    With `fused`, a decode step (one token per sequence) runs as the model runner runs it, in one call
+    (over the same pools; the cache's other steps keep the path they had)."""
     meta = build_metadata([(s.table, s.done, n) for s, n in work], cache.block_size)
     ids = torch.tensor([t for s, n in work for t in s.ids[s.done : s.done + n]])  # [T]
     positions = torch.cat([torch.arange(s.done, s.done + n) for s, n in work])  # [T]
@@ -52,7 +64,7 @@ def step(
     with torch.no_grad():
         if fused is not None and meta.q_dest is None:
             x, cos, sin = net.embed(ids, positions)
-            x = fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, cache.kv)
+            x = fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, native_pools(cache))
             hidden = net.norm(x)
         else:
             hidden = net(ids, positions, meta, cache)  # [T, hidden]

@@ -142,10 +142,36 @@ def llama_file(script: ModuleType, llama_pieces, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llama_tokenizer(llama_file: Path, tmp_path_factory) -> Tokenizer:
+def llama_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(llama_file: Path, llama_cache: Path) -> Tokenizer:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLAMASERVE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("LLAMASERVE_CACHE", str(llama_cache))
         return load_tokenizer(llama_file)
+
+
+@pytest.fixture(scope="module")
+def llama_sentencepiece(llama_pieces):
+    """SentencePiece itself with LLaMA's vocabulary, set up as Meta's tokenizer.model is (BPE scored by the
+    pieces' scores, byte fallback, identity normalisation, the dummy prefix, whitespace kept): the reference
+    that Meta's generation.py encodes with, independent of transformers."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    model = pb.ModelProto()
+    for token, score, kind in zip(*llama_pieces, strict=True):
+        model.pieces.add(piece=token, score=score, type=kind)
+    spec = model.trainer_spec
+    spec.model_type, spec.vocab_size, spec.byte_fallback = pb.TrainerSpec.BPE, len(llama_pieces[0]), True
+    spec.unk_id, spec.bos_id, spec.eos_id, spec.pad_id = 0, 1, 2, -1
+    norm = model.normalizer_spec
+    norm.name, norm.add_dummy_prefix, norm.remove_extra_whitespaces, norm.escape_whitespaces = (
+        "identity", True, False, True
+    )
+    return spm.SentencePieceProcessor(model_proto=model.SerializeToString())
 
 
 def test_the_llama_vocab_is_llamas_with_sentencepiece_scores(script: ModuleType, llama_pieces) -> None:
@@ -188,18 +214,151 @@ def test_the_llama_vocab_tokenizes_as_llama_2(
     assert {t: tok.encode(t) for t in expected} == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="transformers' GGUF conversion (Metaspace, prepend_scheme 'first') adds no dummy prefix to text "
-    "that starts with a space or follows a special token; SentencePiece and llama.cpp do",
-)
 @pytest.mark.parametrize("text", list(LEADING_SPACE_IDS), ids=repr)
 def test_the_llama_vocab_keeps_a_leading_space_as_sentencepiece_does(
     llama_tokenizer: Tokenizer, text: str
 ) -> None:
     ids = llama_tokenizer.encode(text, add_special_tokens=not text.startswith("<s>"))  # chat: own <s>
     assert ids == LEADING_SPACE_IDS[text]
+    assert llama_tokenizer.decode(ids) == text.removeprefix("<s>")
+
+
+def test_the_sentencepiece_reference_is_llama_2s(script: ModuleType, llama_sentencepiece) -> None:
+    source = script.fetch_llama_tokenizer_js().read_text("utf-8")
+    cases = re.findall(r'testCase\(("(?:[^"\\]|\\.)*"|\'[^\']*\'),\s*\[([\d,\s]+)\]\)', source)
+    texts = {json.loads(s, strict=False) if s[0] == '"' else s[1:-1]: ids for s, ids in cases}
+    expected = {t: [int(i) for i in ids.split(",")] for t, ids in texts.items()}
+    assert len(expected) == 12 and " grabbed" in expected
+    assert {t: [1, *llama_sentencepiece.encode(t)] for t in expected} == expected
+    assert {t: [1, *llama_sentencepiece.encode(t)] for t in script.LLAMA_IDS} == script.LLAMA_IDS
+
+
+SENTENCEPIECE_TEXTS = [
+    "Hello, world!",
+    "  leading spaces, trailing spaces   ",
+    " one leading space",
+    "tabs\tand\nnew\n\nlines\r\n",
+    "\n starts with a newline",
+    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "Ünïcödé: naïve café, Straße, 日本語のテキスト, emoji 🦙🚀",
+    "numbers 1234567890 3.14159 -42 1e-5",
+    " ",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", SENTENCEPIECE_TEXTS, ids=repr)
+def test_the_llama_vocab_tokenizes_as_sentencepiece(
+    llama_tokenizer: Tokenizer, llama_sentencepiece, text: str
+) -> None:
+    ids = llama_sentencepiece.encode(text)
+    assert llama_tokenizer.encode(text, add_special_tokens=False) == ids
+    assert llama_tokenizer.encode(text) == [1, *ids]
+    assert llama_tokenizer.decode([1, *ids]) == llama_sentencepiece.decode(ids) == text
+
+
+# -- Llama 2 chat prompts, as Meta's llama/generation.py chat_completion builds them ----------------------
+B_INST, E_INST, B_SYS, E_SYS = "[INST]", "[/INST]", "<<SYS>>\n", "\n<</SYS>>\n\n"
+CHATS = {
+    "single_turn": [{"role": "user", "content": "What is the capital of France?"}],
+    "system": [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ],
+    "multi_turn": [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help? "},
+        {"role": "user", "content": " Name three colours.\n"},
+        {"role": "assistant", "content": "Red, green, blue."},
+        {"role": "user", "content": "Bye"},
+    ],
+}
+
+
+def metas_chat_ids(encode, messages: list[dict[str, str]]) -> list[int]:
+    """chat_completion's prompt tokens: encode(turn) between BOS (1) and EOS (2), turn by turn."""
+    if messages[0]["role"] == "system":
+        first = B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]
+        messages = [{"role": messages[1]["role"], "content": first}, *messages[2:]]
+    ids: list[int] = []
+    for prompt, answer in zip(messages[::2], messages[1::2], strict=False):
+        turn = f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} "
+        ids += [1, *encode(turn), 2]
+    return [*ids, 1, *encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}")]
+
+
+def test_llama2_chat_prompt_has_llama_2s_ids(llama_tokenizer: Tokenizer, llama_pieces) -> None:
+    """Spelled out by hand as Llama 2's pieces ("<s>[INST] <<SYS>>\n" is 1, 518, 25580, 29962, 3532, ...),
+    their ids looked up in the vocabulary: no tokenizer involved."""
+    index = {piece: i for i, piece in enumerate(llama_pieces[0])}
+
+    def ids(pieces: str) -> list[int]:
+        return [index[p] for p in pieces.split(" ")]
+
+    inst, end = ids("▁[ INST ]"), ids("▁[ / INST ]")
+    assert inst == [518, 25580, 29962] and end == [518, 29914, 25580, 29962]
+    b_sys, e_sys = ids("▁<< SY S >> <0x0A>"), ids("<0x0A> < </ SY S >> <0x0A> <0x0A>")
+    assert b_sys == [3532, 14816, 29903, 6778, 13] and e_sys == [13, 29966, 829, 14816, 29903, 6778, 13, 13]
+    question = ids("▁is ▁the ▁capital ▁of ▁France ?")
+    assert llama_tokenizer.encode_chat(CHATS["single_turn"]) == [1, *inst, *ids("▁What"), *question, *end]
+    assert llama_tokenizer.encode_chat(CHATS["system"]) == [  # "What" after "\n\n": no "▁"
+        1, *inst, *b_sys, *ids("Answer ▁in ▁one ▁word ."), *e_sys, *ids("What"), *question, *end
+    ]
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
+             {"role": "user", "content": "Bye"}]
+    assert llama_tokenizer.encode_chat(turns) == [
+        1, *inst, *ids("▁Hi"), *end, *ids("▁Hello ! ▁How ▁can ▁I ▁help ? ▁"), 2,  # " help? " then </s>
+        1, *inst, *ids("▁By e"), *end,
+    ]
+
+
+@pytest.mark.parametrize("name", list(CHATS))
+def test_llama2_chat_prompts_are_metas(
+    llama_tokenizer: Tokenizer, llama_sentencepiece, name: str
+) -> None:
+    tok, messages = llama_tokenizer, CHATS[name]
+    assert tok.chat_template is not None and "<<SYS>>" in tok.chat_template  # the built-in Llama 2 format
+    ids = tok.encode_chat(messages)
+    assert ids == metas_chat_ids(llama_sentencepiece.encode, messages)
+    # The same from our own encodes of whole turns, which begin a text as llama-tokenizer-js's cases do.
+    assert ids == metas_chat_ids(lambda text: tok.encode(text, add_special_tokens=False), messages)
+    assert ids.count(1) == (len(messages) + 1) // 2 and ids[-4:] == [518, 29914, 25580, 29962]
+    assert tok.decode(ids, skip_special_tokens=False).startswith("<s> [INST] ")  # "▁[" after <s>
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the rendered template is tokenized as one text, so a <s> or </s> a user writes is a control "
+    "token (as in transformers' apply_chat_template); Meta's sp.encode(turn) spells it out as text",
+)
+def test_llama2_chat_spells_out_special_tokens_in_user_text(llama_tokenizer, llama_sentencepiece) -> None:
+    messages = [{"role": "user", "content": "what does </s><s> mean?"}]
+    assert llama_tokenizer.encode_chat(messages) == metas_chat_ids(llama_sentencepiece.encode, messages)
+
+
+def test_the_cached_llama_tokenizer_keeps_the_dummy_prefix(
+    llama_file: Path, llama_cache: Path, llama_tokenizer: Tokenizer, monkeypatch
+) -> None:
+    """The tokenizer.json cached by the first load holds SentencePiece's normalisation; a second load reads
+    it, and one cached without it (by transformers as is) is mended on loading."""
+    monkeypatch.setenv("LLAMASERVE_CACHE", str(llama_cache))
+    (cached,) = llama_cache.glob("tokenizers/*/tokenizer.json")
+    saved = json.loads(cached.read_text("utf-8"))
+    assert saved["pre_tokenizer"] is None
+    assert [n["type"] for n in saved["normalizer"]["normalizers"]] == ["Prepend", "Replace"]
+    messages = CHATS["multi_turn"]
+    expected = {t: llama_tokenizer.encode(t) for t in [*LEADING_SPACE_IDS, *SENTENCEPIECE_TEXTS]}
+    again = load_tokenizer(llama_file)
+    assert {t: again.encode(t) for t in expected} == expected
+    assert again.encode_chat(messages) == llama_tokenizer.encode_chat(messages)
+    as_converted = {**saved, "normalizer": None, "pre_tokenizer": {
+        "type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}}
+    cached.write_text(json.dumps(as_converted), "utf-8")
+    mended = load_tokenizer(llama_file)
+    assert {t: mended.encode(t) for t in expected} == expected
+    assert mended.encode_chat(messages) == llama_tokenizer.encode_chat(messages)
 
 
 def test_vocab_falls_back_to_synthetic_only_when_not_asked_for_llama(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ import torch
 from llamaserve.config import EngineConfig
 from llamaserve.engine.block_manager import BlockManager
 from llamaserve.engine.detokenizer import IncrementalDetokenizer
-from llamaserve.engine.model_runner import ModelRunner, kv_cache_blocks
+from llamaserve.engine.model_runner import ModelRunner, plan_kv_cache
 from llamaserve.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from llamaserve.engine.sampler import Sampler
 from llamaserve.engine.sampling_params import SamplingParams
@@ -24,6 +25,8 @@ from llamaserve.model.llama import Transformer
 
 if TYPE_CHECKING:
     from llamaserve.loader.weights import ModelSource
+
+log = logging.getLogger("llamaserve.engine")
 
 
 @dataclass(slots=True)
@@ -66,9 +69,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_config = model.config
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
-        dtype = model.dtype
-        self.num_blocks = kv_cache_blocks(model, config, dtype)
-        self.runner = ModelRunner(model, config, self.num_blocks)
+        self.kv_plan = plan_kv_cache(model, config, self.max_model_len)
+        self.num_blocks = self.kv_plan.num_blocks
+        log.info("%s", self.kv_plan.describe())
+        self.runner = ModelRunner(model, config, self.num_blocks, self.kv_plan.dtype)
         self.block_manager = BlockManager(self.num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
         self.sampler = Sampler(model.config.vocab_size, tokenizer.eos_token_ids, seed=config.seed)
@@ -86,20 +90,29 @@ class LLMEngine:
         params.check_vocab(self.model_config.vocab_size)
         if any(not 0 <= t < self.model_config.vocab_size for t in prompt_token_ids):
             raise ValueError(f"prompt token ids must be in 0..{self.model_config.vocab_size - 1}")
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n
+        # What one sequence can ever hold: the context length, or a smaller pool given in GB (auto sizing
+        # holds at least one full context). Without max_tokens a request may run to that limit: it is
+        # admitted whatever is free right now (the scheduler preempts and recomputes when the pool runs
+        # out), and stops with finish_reason "length" there.
+        capacity = self.num_blocks * self.config.block_size
+        limit = min(self.max_model_len, capacity)
+        if n >= limit:
+            what = (f"the context length ({self.max_model_len})" if limit == self.max_model_len
+                    else f"the KV cache ({capacity} tokens; raise --kv-cache-memory)")
+            raise ValueError(f"the prompt has {n} tokens and leaves no room to generate within {what}")
+        if params.max_tokens is None:
+            return limit - n
+        max_tokens = params.max_tokens
         if n + max_tokens > self.max_model_len:
             raise ValueError(
                 f"this model's context length is {self.max_model_len} tokens, but the prompt has {n} "
                 f"tokens and max_tokens is {max_tokens} ({n + max_tokens} in total); "
                 "shorten the prompt or lower max_tokens"
             )
-        if max_tokens < 1:
-            raise ValueError(f"the prompt ({n} tokens) fills the context length ({self.max_model_len})")
-        capacity = self.num_blocks * self.config.block_size
         if n + max_tokens > capacity:
             raise ValueError(
                 f"prompt ({n} tokens) plus max_tokens ({max_tokens}) exceed the KV cache ({capacity} "
-                "tokens); raise --kv-cache-memory"
+                "tokens); raise --kv-cache-memory or lower max_tokens"
             )
         return max_tokens
 

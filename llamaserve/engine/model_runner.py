@@ -4,37 +4,131 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.outputs import SchedulerOutput
-from llamaserve.model.kv_cache import AttentionMetadata, PagedKVCache, build_metadata
+from llamaserve.model.kv_cache import KV_DTYPES, AttentionMetadata, PagedKVCache, build_metadata
 from llamaserve.model.llama import Transformer
 from llamaserve.model.native import FusedDecoder
 
 log = logging.getLogger("llamaserve.engine")
 
 
-def kv_cache_blocks(model: Transformer, config: EngineConfig, dtype: torch.dtype) -> int:
-    """How many blocks of the KV pool fit in config.kv_cache_memory gigabytes."""
-    cfg = model.config
-    per_block = PagedKVCache.bytes_per_block(
-        cfg.num_hidden_layers, config.block_size, cfg.num_key_value_heads, cfg.head_dim, dtype
-    )
-    blocks = int(config.kv_cache_memory * 1024**3 // per_block)
-    if blocks < 2:
+GiB = 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class KVCachePlan:
+    """The KV pool an engine allocates: its dtype and size, and how the size was chosen."""
+
+    dtype: torch.dtype
+    num_blocks: int
+    block_size: int
+    bytes_per_token: int
+    how: str  # one line for the log: the GB asked for, or the free memory and margin auto sizing used
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_tokens * self.bytes_per_token
+
+    def as_dict(self) -> dict[str, int | str]:
+        """What /health reports."""
+        return {"tokens": self.num_tokens, "blocks": self.num_blocks, "block_size": self.block_size,
+                "dtype": str(self.dtype).removeprefix("torch."), "bytes_per_token": self.bytes_per_token,
+                "bytes": self.nbytes, "sizing": self.how}
+
+    def describe(self) -> str:
+        return (f"KV cache: {self.num_tokens:,} tokens ({self.num_blocks} blocks of {self.block_size}) in "
+                f"{str(self.dtype).removeprefix('torch.')}, {self.bytes_per_token / 1024:.1f} KiB per token, "
+                f"{self.nbytes / GiB:.2f} GiB ({self.how})")
+
+
+def kv_cache_dtype(model: Transformer, config: EngineConfig) -> torch.dtype:
+    """--kv-cache-dtype auto: float32 for a dense float32 model (the exact mode, --quantization none),
+    else the activations' 16-bit dtype, else bfloat16."""
+    if config.kv_cache_dtype != "auto":
+        return KV_DTYPES[config.kv_cache_dtype]
+    if model.dtype in (torch.bfloat16, torch.float16):
+        return model.dtype
+    exact = model.act_dtype is None and model.dtype == torch.float32  # dense float32 weights
+    return torch.float32 if exact else torch.bfloat16
+
+
+def free_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes free now, bytes in total) of the device: the GPU's from CUDA; on the CPU MemAvailable and
+    MemTotal from /proc/meminfo, within a cgroup v2 memory limit when there is one."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return int(free), int(total)
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info[key] = int(value.split()[0]) * 1024
+    free, total = info["MemAvailable"], info["MemTotal"]
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free, total = min(free, int(limit) - used), min(total, int(limit))
+    except (OSError, ValueError):
+        pass
+    return free, total
+
+
+def memory_margin(total: int) -> int:
+    """What auto sizing leaves free: 1 GiB or a tenth of the memory, the larger (activations, the OS)."""
+    return max(GiB, total // 10)
+
+
+def plan_kv_cache(model: Transformer, config: EngineConfig, max_model_len: int,
+                  memory: tuple[int, int] | None = None) -> KVCachePlan:
+    """Size the pool: config.kv_cache_memory GB, or (0, auto) room for max_num_seqs full contexts of
+    max_model_len tokens, within the free memory (`memory`, else free_memory()) less memory_margin().
+    Raises ValueError when auto cannot hold one full context, or a GB value not even 2 blocks."""
+    cfg, bs = model.config, config.block_size
+    dtype = kv_cache_dtype(model, config)
+    per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                             dtype)
+    per_block = per_token * bs
+    name = str(dtype).removeprefix("torch.")
+    if config.kv_cache_memory > 0:
+        blocks = int(config.kv_cache_memory * 1024**3 // per_block)
+        if blocks < 2:
+            raise ValueError(
+                f"kv_cache_memory={config.kv_cache_memory} GB holds {blocks} blocks of {per_block} bytes; "
+                "give at least enough for 2 blocks"
+            )
+        return KVCachePlan(dtype, blocks, bs, per_token, f"--kv-cache-memory {config.kv_cache_memory:g}")
+    free, total = memory or free_memory(next(model.parameters()).device)
+    margin = memory_margin(total)
+    one = -(-max_model_len // bs)  # blocks for one full context
+    fit = max(0, free - margin) // per_block
+    if fit < one:
         raise ValueError(
-            f"kv_cache_memory={config.kv_cache_memory} GB holds {blocks} blocks of {per_block} bytes; "
-            "give at least enough for 2 blocks"
+            f"the KV cache cannot hold one full context: {max_model_len:,} tokens x "
+            f"{per_token / 1024:.1f} KiB ({name}) = {one * per_block / GiB:.2f} GiB, but "
+            f"{free / GiB:.2f} GiB is free and {margin / GiB:.2f} GiB is kept as margin; lower "
+            "--max-model-len, use --kv-cache-dtype int8, or set --kv-cache-memory GB"
         )
-    return blocks
+    blocks = int(min(fit, one * config.max_num_seqs))
+    how = (f"auto: {blocks / one:.1f} full {max_model_len}-token contexts; {free / GiB:.1f} GiB free, "
+           f"{margin / GiB:.1f} GiB kept free")
+    return KVCachePlan(dtype, blocks, bs, per_token, how)
 
 
 class ModelRunner:
     """Owns the model and the KV pool; one call to `execute` per engine step."""
 
-    def __init__(self, model: Transformer, config: EngineConfig, num_blocks: int) -> None:
+    def __init__(self, model: Transformer, config: EngineConfig, num_blocks: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.config = config
         self.device = next(model.parameters()).device
@@ -42,10 +136,13 @@ class ModelRunner:
         cfg = model.config
         self.cache = PagedKVCache(
             cfg.num_hidden_layers, num_blocks, config.block_size, cfg.num_key_value_heads,
-            cfg.head_dim, self.dtype, self.device,
+            cfg.head_dim, kv_dtype or kv_cache_dtype(model, config), self.device,
         )
-        # Decode steps of a model whose layers all run on our kernels take one C call (prefill: layers).
+        # Decode steps of a model whose layers all run on our kernels take one C call (prefill: layers);
+        # both store and read the KV pool with our kernels, in its own dtype.
         self.fused = FusedDecoder.for_model(model) if self.device.type == "cpu" else None
+        if self.fused is not None:
+            self.cache.use_native()
         log.info("decode steps: %s", "fused in one native call" if self.fused else "layer by layer")
         self.compiled = None
         self.num_eager_fallbacks = 0  # compiled mode: steps whose shapes had no warmed-up graph
@@ -61,7 +158,8 @@ class ModelRunner:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.fused is not None and self.runs_fused(meta):
             x, cos, sin = self.model.embed(ids, positions)
-            x = self.fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, self.cache.kv)
+            x = self.fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens,
+                               self.cache.native or [])
             return self.model.norm(x)
         if self.compiled is not None:
             try:

@@ -11,7 +11,9 @@ from typing import Any
 
 from llamaserve.loader.errors import ModelLoadError
 
-# Meta's Llama 2 chat format, for Llama 2 files that carry no template (older GGUF conversions).
+# Meta's Llama 2 chat format, for Llama 2 files that carry no template (older GGUF conversions). Tokenized
+# as one text, its pieces between <s> and </s> are the turn strings Meta's chat_completion encodes one by
+# one, each with SentencePiece's dummy prefix (see _with_sentencepiece_prefix).
 LLAMA2_CHAT_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
     "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
@@ -63,6 +65,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLAMASERVE_CACHE", Path.home() / ".cache" / "llamaserve"))
 
 
+# Part of the tokenizer cache's key: bump it when what is cached changes (2: SentencePiece's dummy prefix).
+CACHE_VERSION = 2
+
+
+def _with_sentencepiece_prefix(hf: Any) -> None:
+    """A SentencePiece vocabulary tokenizes as SentencePiece does (Meta's, llama.cpp's): every text segment
+    between special tokens gets the dummy prefix "▁", and leading spaces are kept.
+
+    transformers builds Metaspace(prepend_scheme="first"): a prefix only at the very start of the text, and
+    none for text that starts with a space, so " hi" is "▁hi" not "▁▁hi", and "<s>[INST]"
+    is "<s>" "[" "INST" "]" where Llama 2 has "<s>" "▁[" "INST" "]". SentencePiece's own normalisation
+    (what transformers' legacy Llama tokenizer and its Phi-3 GGUF builder use) instead: the prefix, then
+    spaces as "▁", with no pre-tokenizer. Special tokens are split out before normalisation, so each
+    segment between them is one SentencePiece encode: Meta's chat_completion encodes each turn string alone
+    ("[INST] user [/INST] answer " between <s> and </s>), which is what the rendered template's segments
+    are. The decoder (Strip of one leading space) is the same either way. A no-op unless the backend has the
+    pre-tokenizer transformers builds for Llama (a tokenizer loaded from our cache already has the fix).
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    backend = hf.backend_tokenizer
+    pre = backend.pre_tokenizer
+    if not (
+        isinstance(pre, pre_tokenizers.Metaspace)
+        and str(pre.prepend_scheme).lower() == "first"
+        and not pre.split
+    ):
+        return
+    steps = [normalizers.Prepend(pre.replacement), normalizers.Replace(" ", pre.replacement)]
+    if backend.normalizer is not None:
+        steps.insert(0, backend.normalizer)
+    backend.normalizer = normalizers.Sequence(steps)
+    backend.pre_tokenizer = None
+
+
 def _from_gguf(path: Path, meta: dict[str, Any] | None = None) -> tuple[Any, list[int]]:
     """transformers converts a GGUF vocabulary in ~10 s; the result is cached as tokenizer.json."""
     from transformers import AutoTokenizer
@@ -77,12 +114,19 @@ def _from_gguf(path: Path, meta: dict[str, Any] | None = None) -> tuple[Any, lis
         )
     logging.getLogger("transformers").setLevel(logging.ERROR)
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_dir() / "tokenizers" / key
-    if (cached / "tokenizer.json").is_file():
-        hf = AutoTokenizer.from_pretrained(str(cached))
-    else:
+    source = f"{CACHE_VERSION}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    cached = cache_dir() / "tokenizers" / hashlib.sha256(source.encode()).hexdigest()[:16]
+    # SentencePiece vocabularies with a dummy prefix: llama.cpp's default, unless the file says otherwise.
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    sentencepiece = meta["tokenizer.ggml.model"] == "llama" and bool(prefix)
+    fresh = not (cached / "tokenizer.json").is_file()
+    if fresh:
         hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    else:
+        hf = AutoTokenizer.from_pretrained(str(cached))
+    if sentencepiece:
+        _with_sentencepiece_prefix(hf)  # cached with it: a no-op on a cached one
+    if fresh:
         try:
             hf.save_pretrained(str(cached))
         except OSError as e:

@@ -5,8 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 CTX_ALIGN = 32
+# --kv-cache-dtype values (auto is resolved by the engine) and what a pool slot stores.
+KV_DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8,
+}
 
 
 @dataclass(slots=True)
@@ -23,11 +28,28 @@ class AttentionMetadata:
     num_seqs: int
     max_query_len: int
     ctx_lens: torch.Tensor  # [B] long: context length of each sequence, new tokens included
+    q_lens: torch.Tensor  # [B] long: new tokens of each sequence in this step
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] float -> int8 values and a float32 scale per row (amax / 127, rounded half to even);
+    the same arithmetic as the native store (attention.c), so both paths write identical pools."""
+    x = x.float()
+    amax = x.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(x * inv[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, amax / 127.0
 
 
 class PagedKVCache:
     """One preallocated pool per layer, [num_blocks * block_size, 2 * kv_heads, head_dim]: a slot holds a
-    token's keys (heads 0..kv_heads-1) then its values, so one write and one gather serve both."""
+    token's keys (heads 0..kv_heads-1) then its values, so one write and one gather serve both.
+
+    dtype: float32, bfloat16, float16, or int8 with a float32 scale per slot and head (`scales`). The
+    pool is read in that dtype by every attention path: our kernels (`use_native`) convert as they go;
+    torch's path runs attention in the pool's float dtype (int8: dequantized to bfloat16, or to the
+    activations' 16-bit dtype), never on a float32 copy of a 16-bit context.
+    """
 
     def __init__(
         self,
@@ -39,22 +61,90 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ) -> None:
+        if dtype not in KV_DTYPES.values():
+            raise ValueError(f"KV cache dtype must be one of {', '.join(KV_DTYPES)}, got {dtype}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.dtype = dtype
         shape = (num_blocks * block_size, 2 * num_kv_heads, head_dim)
         # Uninitialised: the OS commits a pool's pages as blocks are first written, so RSS grows with the
-        # tokens held, not with --kv-cache-memory. Every slot is written before it is read, except slot 0,
+        # tokens held, not with the pool's size. Every slot is written before it is read, except slot 0,
         # which pads each sequence's context row (masked, but 0 x NaN is NaN): it is zeroed.
         self.kv = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.scales: list[torch.Tensor] | None = None
+        if dtype == torch.int8:
+            self.scales = [torch.zeros(shape[:2], dtype=torch.float32, device=device)
+                           for _ in range(num_layers)]
         for pool in self.kv:
             pool[0].zero_()
+        self.native: list | None = None  # per layer a native.NativeKV once use_native() ran
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    def use_native(self) -> list:
+        """Attend and store with our kernels from now on (CPU pools); returns the layers' NativeKV."""
+        from llamaserve.model import native
+
+        if self.native is None:
+            self.native = [native.NativeKV(pool, None if self.scales is None else self.scales[i])
+                           for i, pool in enumerate(self.kv)]
+        return self.native
 
     @staticmethod
-    def bytes_per_block(
-        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
-    ) -> int:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """K and V of one token over all layers, int8's scales included."""
+        per_head = head_dim * torch.empty((), dtype=dtype).element_size() + (4 if dtype == torch.int8 else 0)
+        return 2 * num_layers * num_kv_heads * per_head
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, kv_new: torch.Tensor) -> None:
+        """Store this step's keys and values [T, 2 * kv_heads, D] of one layer."""
+        if self.native is not None:
+            from llamaserve.model import native
+
+            native.kv_store(self.native[layer], kv_new, slot_mapping)
+            return
+        if self.scales is not None:
+            q, scale = quantize_int8(kv_new)
+            self.kv[layer].index_copy_(0, slot_mapping, q)
+            self.scales[layer].index_copy_(0, slot_mapping, scale)
+        else:
+            self.kv[layer].index_copy_(0, slot_mapping, kv_new.to(self.dtype))
+
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Causal attention of this step's queries q [T, H, D] over each sequence's context: [T, H * D]
+        in q's dtype."""
+        T, H, D = q.shape
+        if self.native is not None:
+            from llamaserve.model import native
+
+            out = native.attention(self.native[layer], q, meta.q_lens, meta.ctx_slots, meta.ctx_lens)
+            return out.to(q.dtype)
+        pool = self.kv[layer]
+        B, Q, Hkv2 = meta.num_seqs, meta.max_query_len, pool.shape[1]
+        # Gather each sequence's context from the pool in its own dtype: [B, L, 2 Hkv, D].
+        ctx = pool.index_select(0, meta.ctx_slots.view(-1)).view(B, -1, Hkv2, D)
+        if self.scales is not None:
+            work = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+            scale = self.scales[layer].index_select(0, meta.ctx_slots.view(-1)).view(B, -1, Hkv2, 1)
+            ctx = (ctx.to(work) * scale.to(work))
+        ctx = ctx.transpose(1, 2)
+        keys, values = ctx[:, : Hkv2 // 2], ctx[:, Hkv2 // 2 :]
+        q = q.to(ctx.dtype)
+        if meta.q_dest is None:  # every sequence brings exactly one query token
+            qp = q.reshape(B, 1, H, D)
+        else:
+            qp = q.new_zeros(B * Q, H, D)
+            qp[meta.q_dest] = q
+            qp = qp.view(B, Q, H, D)
+        out = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), keys, values, attn_mask=meta.mask, enable_gqa=Hkv2 // 2 != H
+        )  # [B, H, Q, D]
+        out = out.transpose(1, 2).reshape(B * Q, H * D)
+        if meta.q_dest is not None:
+            out = out[meta.q_dest]
+        return out
 
 
 def build_metadata(
@@ -99,4 +189,5 @@ def build_metadata(
         num_seqs=B,
         max_query_len=Q,
         ctx_lens=ctx_lens.to(device),
+        q_lens=q_lens.to(device),
     )

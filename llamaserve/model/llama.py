@@ -69,32 +69,15 @@ class Attention(nn.Module):
         cos: torch.Tensor,  # [T, 1, D]
         sin: torch.Tensor,
         meta: AttentionMetadata,
-        kv_pool: torch.Tensor,  # this layer's pool [slots, 2 * Hkv, D]: keys, then values
+        cache: PagedKVCache,
+        layer: int,
     ) -> torch.Tensor:
         T, H, Hkv, D = x.shape[0], self.n_heads, self.n_kv, self.head_dim
         qkv = self.wqkv(x)
         qk = apply_rope(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)  # q and k heads at once
         kv_new = torch.cat((qk[:, H:], qkv[:, (H + Hkv) * D :].view(T, Hkv, D)), dim=1)  # [T, 2 Hkv, D]
-        kv_pool.index_copy_(0, meta.slot_mapping, kv_new.to(kv_pool.dtype))
-        B, Q = meta.num_seqs, meta.max_query_len
-        # Gather each sequence's context from the pool: [B, 2 Hkv, L, D].
-        ctx = kv_pool.index_select(0, meta.ctx_slots.view(-1)).view(B, -1, 2 * Hkv, D)
-        ctx = ctx.transpose(1, 2).to(x.dtype)
-        keys, values = ctx[:, :Hkv], ctx[:, Hkv:]
-        q = qk[:, :H]
-        if meta.q_dest is None:  # every sequence brings exactly one query token
-            qp = q.reshape(B, 1, H, D)
-        else:
-            qp = q.new_zeros(B * Q, H, D)
-            qp[meta.q_dest] = q
-            qp = qp.view(B, Q, H, D)
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys, values, attn_mask=meta.mask, enable_gqa=Hkv != H
-        )  # [B, H, Q, D]
-        out = out.transpose(1, 2).reshape(B * Q, H * D)
-        if meta.q_dest is not None:
-            out = out[meta.q_dest]
-        return self.wo(out)
+        cache.write(layer, meta.slot_mapping, kv_new)
+        return self.wo(cache.attend(layer, qk[:, :H], meta).to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -117,8 +100,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = MLP(cfg)
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_pool) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, meta, kv_pool)
+    def forward(self, x, cos, sin, meta: AttentionMetadata, cache: PagedKVCache, layer: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, meta, cache, layer)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -165,8 +148,8 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Run T new tokens of B sequences; return the final hidden states [T, hidden]."""
         x, cos, sin = self.embed(input_ids, positions)
-        for layer, kv_pool in zip(self.layers, cache.kv, strict=True):
-            x = layer(x, cos, sin, meta, kv_pool)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, meta, cache, i)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from llamaserve.model.formats import FORMATS, GROUP
 
 log = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("gemm.c", "decode.c")
+_SOURCES = ("gemm.c", "decode.c", "attention.c")
 _BASE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 # name -> (extra compiler flags, /proc/cpuinfo flags the CPU needs), best first.
 VARIANTS: dict[str, tuple[list[str], set[str]]] = {
@@ -43,7 +43,7 @@ VARIANTS: dict[str, tuple[list[str], set[str]]] = {
     "vnni-emulated": (["-DLS_VNNI_EMULATED"], {"avx2", "fma", "f16c"}),
 }
 AUTO = ("avx512vnni", "avxvnni", "avx2")  # what "auto" picks from, best first
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_PARTS = 3
 LS_ENOMEM, LS_EINVAL = -1, -2
 
@@ -57,6 +57,14 @@ class LsPart(ctypes.Structure):  # ls.h's ls_part
 class LsLinear(ctypes.Structure):  # ls.h's ls_linear
     _fields_ = [("k", ctypes.c_int64), ("n", ctypes.c_int64), ("nparts", ctypes.c_int64),
                 ("part", LsPart * MAX_PARTS)]
+
+
+class LsKV(ctypes.Structure):  # ls.h's ls_kv
+    _fields_ = [("dtype", ctypes.c_int64), ("slots", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("dim", ctypes.c_int64), ("data", ctypes.c_void_p), ("scale", ctypes.c_void_p)]
+
+
+KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # ls.h's LS_KV_*
 
 
 def cpu_flags() -> set[str]:
@@ -163,17 +171,23 @@ class Kernels:
 def _bind(path: Path, variant: str) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.ls_abi_version.restype = lib.ls_sizeof_linear.restype = i64
+    lib.ls_abi_version.restype = lib.ls_sizeof_linear.restype = lib.ls_sizeof_kv.restype = i64
     lib.ls_variant.restype = ctypes.c_char_p
-    if lib.ls_abi_version() != ABI_VERSION or lib.ls_sizeof_linear() != ctypes.sizeof(LsLinear):
-        raise OSError(f"{path.name}: ABI {lib.ls_abi_version()} / {lib.ls_sizeof_linear()} bytes, expected "
-                      f"{ABI_VERSION} / {ctypes.sizeof(LsLinear)}")
+    found = (lib.ls_abi_version(), lib.ls_sizeof_linear(), lib.ls_sizeof_kv())
+    expected = (ABI_VERSION, ctypes.sizeof(LsLinear), ctypes.sizeof(LsKV))
+    if found != expected:
+        raise OSError(f"{path.name}: ABI / struct sizes {found}, expected {expected}")
     if lib.ls_variant().decode() != variant:
         raise OSError(f"{path.name} is the {lib.ls_variant().decode()} variant, not {variant}")
     lib.ls_matmul.argtypes = [ptr, ptr, i64, ptr]
     lib.ls_linear_check.argtypes = [ptr]
     lib.ls_decode_layers.argtypes = [ptr, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-    lib.ls_matmul.restype = lib.ls_linear_check.restype = lib.ls_decode_layers.restype = ctypes.c_int
+    lib.ls_kv_check.argtypes = [ptr]
+    lib.ls_kv_store.argtypes = [ptr, ptr, i64, ptr, i64]
+    lib.ls_attention.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64]
+    for fn in (lib.ls_matmul, lib.ls_linear_check, lib.ls_decode_layers, lib.ls_kv_check, lib.ls_kv_store,
+               lib.ls_attention):
+        fn.restype = ctypes.c_int
     return lib
 
 
@@ -278,13 +292,113 @@ def matmul(x: torch.Tensor, w: NativeWeight) -> torch.Tensor:
     return w.matmul(x)
 
 
+class NativeKV:
+    """One layer's KV pool as our kernels see it (an ls_kv): stores new K/V and runs attention over it
+    in the pool's own dtype. `data` [slots, 2 * kv_heads, D] (float32, bfloat16, float16 or int8) and, for
+    int8, `scale` [slots, 2 * kv_heads] float32 must stay where they are while this object lives."""
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor | None) -> None:
+        if data.dtype not in KV_DTYPE_CODES or data.dim() != 3 or not data.is_contiguous() or data.is_cuda:
+            raise ValueError(f"a native KV pool is a contiguous CPU [slots, heads, dim] tensor of "
+                             f"{', '.join(map(str, KV_DTYPE_CODES))}; got {data.dtype} {tuple(data.shape)}")
+        if (scale is None) != (data.dtype != torch.int8) or (
+                scale is not None and (scale.dtype != torch.float32 or scale.shape != data.shape[:2]
+                                       or not scale.is_contiguous())):
+            raise ValueError("an int8 KV pool needs a contiguous float32 scale [slots, heads]; others none")
+        self.data, self.scale = data, scale
+        self.heads, self.dim = data.shape[1], data.shape[2]
+        self.struct = LsKV(dtype=KV_DTYPE_CODES[data.dtype], slots=data.shape[0], heads=self.heads,
+                           dim=self.dim, data=data.data_ptr(),
+                           scale=scale.data_ptr() if scale is not None else None)
+        self.address = ctypes.addressof(self.struct)
+        _check(_require().ls_kv_check(self.address), "native KV pool")
+
+    def store(self, kv_new: torch.Tensor, slots: torch.Tensor) -> None:
+        """kv_new [T, heads, dim] (any float dtype) into slots [T]."""
+        _kv_store_at(self.data, self._scale(), kv_new, slots, self.address)
+
+    def attend(self, q: torch.Tensor, q_lens: torch.Tensor, ctx_slots: torch.Tensor,
+               ctx_lens: torch.Tensor) -> torch.Tensor:
+        """q [T, H, dim] -> float32 [T, H * dim]: each sequence's rows attend causally to its context."""
+        return _attention_at(self.data, self._scale(), q, q_lens, ctx_slots, ctx_lens, self.address)
+
+    def _scale(self) -> torch.Tensor:
+        return self.scale if self.scale is not None else self.data.new_empty(0, dtype=torch.float32)
+
+
+def _i64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int64).contiguous()
+
+
+def _kv_store_at(data: torch.Tensor, scale: torch.Tensor, kv_new: torch.Tensor, slots: torch.Tensor,
+                 address: int) -> None:
+    heads, dim = data.shape[1], data.shape[2]
+    src = kv_new.to(torch.float32).reshape(-1, heads * dim).contiguous()
+    slots = _i64(slots)
+    if slots.shape[0] != src.shape[0]:
+        raise ValueError(f"native KV store: {src.shape[0]} rows for {slots.shape[0]} slots")
+    _check(_require().ls_kv_store(address, src.data_ptr(), heads * dim, slots.data_ptr(), src.shape[0]),
+           "native KV store")
+
+
+def _attention_at(data: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, q_lens: torch.Tensor,
+                  ctx_slots: torch.Tensor, ctx_lens: torch.Tensor, address: int) -> torch.Tensor:
+    T, H, dim = q.shape
+    q = q.to(torch.float32).contiguous()
+    q_lens, ctx_slots, ctx_lens = _i64(q_lens), _i64(ctx_slots), _i64(ctx_lens)
+    B, L = ctx_slots.shape
+    if dim != data.shape[2] or q_lens.shape[0] != B or ctx_lens.shape[0] != B or int(q_lens.sum()) != T:
+        raise ValueError("native attention: queries and metadata do not match")
+    out = torch.empty(T, H * dim, dtype=torch.float32)
+    _check(_require().ls_attention(address, q.data_ptr(), H * dim, H, B, q_lens.data_ptr(),
+                                   ctx_slots.data_ptr(), L, ctx_lens.data_ptr(), out.data_ptr(), H * dim),
+           "native attention")
+    return out
+
+
+# torch.compile sees both as opaque ops; the pool tensors are arguments, so a graph orders a layer's
+# attention after the store that wrote its new tokens.
+@torch.library.custom_op("llamaserve::kv_store", mutates_args=("data", "scale"))
+def _kv_store_op(data: torch.Tensor, scale: torch.Tensor, kv_new: torch.Tensor, slots: torch.Tensor,
+                 address: int) -> None:
+    _kv_store_at(data, scale, kv_new, slots, address)
+
+
+@torch.library.custom_op("llamaserve::attention", mutates_args=())
+def _attention_op(data: torch.Tensor, scale: torch.Tensor, q: torch.Tensor, q_lens: torch.Tensor,
+                  ctx_slots: torch.Tensor, ctx_lens: torch.Tensor, address: int) -> torch.Tensor:
+    return _attention_at(data, scale, q, q_lens, ctx_slots, ctx_lens, address)
+
+
+@_attention_op.register_fake
+def _(data, scale, q, q_lens, ctx_slots, ctx_lens, address):  # noqa: ANN001, ANN202
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2], dtype=torch.float32)
+
+
+def kv_store(kv: NativeKV, kv_new: torch.Tensor, slots: torch.Tensor) -> None:
+    """NativeKV.store, also inside torch.compile."""
+    if torch.compiler.is_compiling():
+        _kv_store_op(kv.data, kv._scale(), kv_new, slots, kv.address)
+    else:
+        kv.store(kv_new, slots)
+
+
+def attention(kv: NativeKV, q: torch.Tensor, q_lens: torch.Tensor, ctx_slots: torch.Tensor,
+              ctx_lens: torch.Tensor) -> torch.Tensor:
+    """NativeKV.attend, also inside torch.compile."""
+    if torch.compiler.is_compiling():
+        return _attention_op(kv.data, kv._scale(), q, q_lens, ctx_slots, ctx_lens, kv.address)
+    return kv.attend(q, q_lens, ctx_slots, ctx_lens)
+
+
 class FusedDecoder:
     """Runs every transformer layer of a decode step (one new token per sequence) in one C call.
 
-    The model runner uses it where all of a model's layer matmuls run on our kernels and activations and
-    KV cache are float32; prefill steps keep the layer path. `for_model` returns None for any other
-    model. It keeps the addresses of the model's norm weights and packed weights: the model must not be
-    moved or converted (`.to()`, `.float()`, a new state dict) afterwards.
+    The model runner uses it where all of a model's layer matmuls run on our kernels with float32
+    activations (the KV pool may hold any dtype NativeKV takes); prefill steps keep the layer path, on
+    the same attention kernel. `for_model` returns None for any other model. It keeps the addresses of
+    the model's norm weights and packed weights: the model must not be moved or converted (`.to()`,
+    `.float()`, a new state dict) afterwards.
     """
 
     def __init__(self, model: Any, rows: list[list[int]]) -> None:  # a Transformer
@@ -293,11 +407,11 @@ class FusedDecoder:
         self.shape = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
                       cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size)
         self.eps = float(cfg.rms_norm_eps)
-        self._table: tuple[tuple[int, ...], torch.Tensor] | None = None  # (pool pointers, pointer table)
+        self._table: tuple[tuple[int, ...], torch.Tensor] | None = None  # (pool addresses, pointer table)
 
     @classmethod
     def for_model(cls, model: Any) -> FusedDecoder | None:  # a Transformer
-        if not available() or getattr(model, "dtype", None) != torch.float32:
+        if not available() or getattr(model, "dtype", None) != torch.float32 or model.config.head_dim % 8:
             return None
         rows = []
         for layer in model.layers:
@@ -311,17 +425,15 @@ class FusedDecoder:
             rows.append([norms[0].data_ptr(), norms[1].data_ptr(), *(w.address for w in weights if w)])
         return cls(model, rows)
 
-    def _pointers(self, pools: list[torch.Tensor]) -> torch.Tensor:
-        key = tuple(p.data_ptr() for p in pools)
+    def _pointers(self, pools: list[NativeKV]) -> torch.Tensor:
+        key = tuple(p.address for p in pools)
         if self._table is None or self._table[0] != key:
-            if any(p.dtype != torch.float32 or not p.is_contiguous() or p.is_cuda for p in pools):
-                raise ValueError("fused decode needs contiguous float32 CPU KV pools (the model's dtype)")
             rows = [[pool, *row] for pool, row in zip(key, self.rows, strict=True)]
             self._table = (key, torch.tensor(rows, dtype=torch.int64))
         return self._table[1]
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
-            ctx_slots: torch.Tensor, ctx_lens: torch.Tensor, pools: list[torch.Tensor]) -> torch.Tensor:
+            ctx_slots: torch.Tensor, ctx_lens: torch.Tensor, pools: list[NativeKV]) -> torch.Tensor:
         """x [B, hidden] float32 (one token per sequence) -> the hidden states after the last layer."""
         layers, dim, heads, kv_heads, head_dim, inter = self.shape
         B = x.shape[0]

@@ -194,7 +194,10 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name:
             state.ready_engine()
         except APIError as e:
             return JSONResponse({"status": e.code}, status_code=503)
-        return JSONResponse({"status": "ok"})
+        engine = state.engine.engine  # type: ignore[union-attr]  # (ready_engine checked it)
+        in_use = engine.num_blocks - engine.block_manager.num_free_blocks
+        kv = engine.kv_plan.as_dict() | {"blocks_in_use": in_use}
+        return JSONResponse({"status": "ok", "max_model_len": engine.max_model_len, "kv_cache": kv})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -203,7 +203,14 @@ def test_health_and_routes_503_until_the_engine_is_attached(engine: AsyncEngine)
     assert assert_error(client.post("/v1/completions", json={"prompt": "hi"}), 503)["code"] == "loading"
     assert client.get("/metrics").status_code == 200
     attach_engine(app, engine, MODEL)
-    assert client.get("/health").status_code == 200
+    health = client.get("/health")
+    assert health.status_code == 200
+    kv, llm = health.json()["kv_cache"], engine.engine
+    assert health.json()["status"] == "ok" and health.json()["max_model_len"] == llm.max_model_len
+    assert kv["tokens"] == llm.num_blocks * 16 == kv["blocks"] * kv["block_size"]
+    assert kv["dtype"] == str(llm.runner.cache.dtype).removeprefix("torch.")
+    assert kv["bytes_per_token"] == 2 * 30 * 3 * 64 * llm.runner.cache.kv[0].element_size()  # SmolLM2
+    assert kv["bytes"] == kv["tokens"] * kv["bytes_per_token"] and 0 <= kv["blocks_in_use"] <= kv["blocks"]
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
     app.state.llamaserve.draining = True
     assert client.get("/health").json() == {"status": "draining"}

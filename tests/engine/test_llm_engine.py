@@ -31,11 +31,12 @@ def chat_ids(engine: LLMEngine, q: str) -> list[int]:
     return engine.tokenizer.encode_chat([{"role": "user", "content": q}])
 
 
-@pytest.mark.parametrize("quantization", ["none", "int4"])
+@pytest.mark.parametrize("quantization", ["none", "int4", "auto"])
 def test_batched_greedy_equals_one_by_one(smollm_parts, quantization):
     """Determinism under batching: each request's greedy text does not depend on its batch-mates.
 
-    int4 covers the fast path too (4-bit kernels, int8 head, bfloat16 matmul inputs)."""
+    int4 and auto (the default) cover the fast paths too: our kernels, int8 head or GGUF blocks, and the
+    default bfloat16 K/V read by our attention kernel."""
     model = smollm_parts[0] if quantization == "none" else load_model(None, quantization=quantization)[0]
     engine = make_engine((model, smollm_parts[1]))
     prompts = [chat_ids(engine, q) for q in QUESTIONS]

@@ -6,7 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LS_ABI_VERSION 2
+#define LS_ABI_VERSION 3
 #define LS_MAX_PARTS 3
 #define LS_OK 0
 #define LS_ENOMEM (-1)
@@ -40,6 +40,21 @@ typedef struct {
     float *d, *s;
     int64_t M, K;
 } ls_acts;
+
+// One layer's paged KV pool: slot s holds a token's keys (heads 0..heads/2-1) then its values, each head
+// `dim` values in `dtype`; LS_KV_I8 adds a float32 scale per slot and head (value = int8 x scale).
+enum { LS_KV_F32 = 0, LS_KV_BF16, LS_KV_F16, LS_KV_I8, LS_KV_NUM_DTYPES };
+typedef struct {
+    int64_t dtype, slots, heads, dim;  // LS_KV_*, pool slots, 2 x kv heads, head dim (a multiple of 8)
+    void *data;                         // [slots, heads, dim]
+    float *scale;                       // LS_KV_I8: [slots, heads]; else NULL
+} ls_kv;
+
+int ls_kv_check(const ls_kv *kv);
+int ls_kv_store(const ls_kv *kv, const float *src, int64_t src_stride, const int64_t *slot, int64_t T);
+int ls_attention(const ls_kv *kv, const float *q, int64_t q_stride, int64_t H, int64_t B,
+                 const int64_t *q_lens, const int64_t *ctx_slots, int64_t L, const int64_t *ctx_lens,
+                 float *out, int64_t out_stride);
 
 int ls_acts_init(ls_acts *a, const float *x, int64_t M, int64_t K);
 void ls_acts_free(ls_acts *a);
@@ -87,4 +102,22 @@ AI int hsum8i(__m256i v) {
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
     return _mm_cvtsi128_si32(s);
+}
+
+// exp for 8 floats (Cephes' expf polynomial, about 1 ulp), x clamped to [-87.3, 88.3].
+AI __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
