@@ -30,6 +30,7 @@ class EngineStats:
     prefix_query_tokens: int
     prefix_hit_tokens: int
     tokens_per_second: float  # recent generation throughput, for Retry-After estimates
+    num_preemptions: int = 0  # over the engine's lifetime
 
 
 class AsyncEngine:
@@ -179,4 +180,4 @@ class AsyncEngine:
         bm, sched = self.engine.block_manager, self.engine.scheduler
         running_requests = len({s.request_id for s in sched.running})
         self._stats = EngineStats(sched.num_running, running_requests, sched.num_waiting, bm.usage,
-                                  bm.prefix_query_tokens, bm.prefix_hit_tokens, rate)
+                                  bm.prefix_query_tokens, bm.prefix_hit_tokens, rate, sched.num_preemptions)

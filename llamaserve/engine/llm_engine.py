@@ -96,13 +96,13 @@ class LLMEngine:
         # out), and stops with finish_reason "length" there.
         capacity = self.num_blocks * self.config.block_size
         limit = min(self.max_model_len, capacity)
-        if n >= limit:
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            if n < limit:
+                return limit - n
             what = (f"the context length ({self.max_model_len})" if limit == self.max_model_len
                     else f"the KV cache ({capacity} tokens; raise --kv-cache-memory)")
             raise ValueError(f"the prompt has {n} tokens and leaves no room to generate within {what}")
-        if params.max_tokens is None:
-            return limit - n
-        max_tokens = params.max_tokens
         if n + max_tokens > self.max_model_len:
             raise ValueError(
                 f"this model's context length is {self.max_model_len} tokens, but the prompt has {n} "

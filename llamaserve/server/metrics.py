@@ -32,6 +32,8 @@ class _EngineCollector(Collector):
                                   "prefix cache", value=s.prefix_query_tokens)
         yield CounterMetricFamily("llamaserve_prefix_cache_hits", "Prompt tokens found in the prefix cache",
                                   value=s.prefix_hit_tokens)
+        yield CounterMetricFamily("llamaserve_num_preemptions", "Sequences preempted (their KV blocks freed, "
+                                  "to be recomputed) because the pool ran out", value=s.num_preemptions)
 
 
 class Metrics:

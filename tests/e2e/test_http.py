@@ -165,6 +165,7 @@ METRIC_NAMES = (
     "llamaserve_prompt_tokens_total", "llamaserve_generation_tokens_total",
     "llamaserve_time_to_first_token_seconds_bucket", "llamaserve_time_per_output_token_seconds_bucket",
     "llamaserve_e2e_request_latency_seconds_bucket", "llamaserve_requests_rejected_queue_full_total",
+    "llamaserve_num_preemptions_total",
 )
 
 

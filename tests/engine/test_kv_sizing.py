@@ -79,7 +79,8 @@ def test_default_max_tokens_is_admitted_whatever_is_free_and_preempts_if_it_must
         for out in engine.step():
             got[out.request_id] += out.outputs[0].token_ids
             reasons[out.request_id] = out.outputs[0].finish_reason
-    assert list(got.values()) == alone and [len(p) + len(a) for p, a in zip(prompts, alone)] == [ctx] * 3
+    assert list(got.values()) == alone
+    assert [len(p) + len(a) for p, a in zip(prompts, alone, strict=True)] == [ctx] * 3
     assert set(reasons.values()) == {"length"}
     assert engine.scheduler.num_preemptions > 0
 
