@@ -13,7 +13,11 @@
 
 #include "ls.h"
 
-#define QTILE 8
+#define QTILE 8   // query rows per work item
+#define HCHUNK 4  // most heads per work item
+#ifndef PF_AHEAD
+#define PF_AHEAD 8  // context slots prefetched ahead
+#endif
 #define MAX_DIM 512
 
 int ls_kv_check(const ls_kv *kv) {
@@ -48,22 +52,52 @@ AI float row_scale(const ls_kv *kv, int64_t slot, int64_t head) {
     return kv->scale ? kv->scale[slot * kv->heads + head] : 1.0f;
 }
 
-// q . row, a fixed summation order for every D.
-AI float dot_row(int64_t dtype, const float *q, const void *row, int64_t D) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= D; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(dtype, row, i), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), load8(dtype, row, i + 8), acc1);
-    }
-    if (i < D) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(dtype, row, i), acc0);
-    return hsum8(_mm256_add_ps(acc0, acc1));
+static const int64_t KV_SIZE[LS_KV_NUM_DTYPES] = {4, 2, 2, 1};
+
+AI void prefetch_row(const void *row, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)row + i, _MM_HINT_T0);
 }
 
-AI void axpy_row(int64_t dtype, float w, const void *row, float *out, int64_t D) {  // out += w * row
-    const __m256 wv = _mm256_set1_ps(w);
-    for (int64_t i = 0; i < D; i += 8)
-        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(wv, load8(dtype, row, i), _mm256_loadu_ps(out + i)));
+// The sum of a vector's 8 lanes in one fixed tree, ((v0+v4)+(v1+v5)) + ((v2+v6)+(v3+v7)): dot8's
+// transposed reduction computes exactly this for each of its rows.
+AI float hsum_tree(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+// q . row for one query row: one accumulator over D in order, then hsum_tree.
+AI float dot1(int64_t dtype, const float *q, const void *row, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(dtype, row, i), acc);
+    return hsum_tree(acc);
+}
+
+// The same dot for 8 query rows at once (the row is converted once): out[r] equals dot1(q[r], row).
+AI void dot8(int64_t dtype, const float *const *q, const void *row, int64_t D, float *out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int64_t i = 0; i < D; i += 8) {
+        const __m256 k = load8(dtype, row, i);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + i), k, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + i), k, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + i), k, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + i), k, a3);
+        a4 = _mm256_fmadd_ps(_mm256_loadu_ps(q[4] + i), k, a4);
+        a5 = _mm256_fmadd_ps(_mm256_loadu_ps(q[5] + i), k, a5);
+        a6 = _mm256_fmadd_ps(_mm256_loadu_ps(q[6] + i), k, a6);
+        a7 = _mm256_fmadd_ps(_mm256_loadu_ps(q[7] + i), k, a7);
+    }
+    // lo + hi of each row, two rows per vector: [r lanes 0..3 | s lanes 0..3]
+#define LOHI(x, y) _mm256_add_ps(_mm256_permute2f128_ps((x), (y), 0x20), _mm256_permute2f128_ps((x), (y), 0x31))
+    const __m256 s01 = LOHI(a0, a1), s23 = LOHI(a2, a3), s45 = LOHI(a4, a5), s67 = LOHI(a6, a7);
+#undef LOHI
+    // hadd twice: lanes [r0 r2 r4 r6 | r1 r3 r5 r7], each (s0+s1)+(s2+s3) as in hsum_tree
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s01, s23), _mm256_hadd_ps(s45, s67));
+    float t[8];
+    _mm256_storeu_ps(t, h);
+    out[0] = t[0], out[2] = t[1], out[4] = t[2], out[6] = t[3];
+    out[1] = t[4], out[3] = t[5], out[5] = t[6], out[7] = t[7];
 }
 
 static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's float -> bfloat16
@@ -111,34 +145,107 @@ int ls_kv_store(const ls_kv *kv, const float *src, int64_t src_stride, const int
     return LS_OK;
 }
 
-// One tile: rows q[0..nq-1] (row i sees columns 0 .. n0 + i - 1) of one head against kv head `kvh`.
-static void attend_tile(const ls_kv *kv, const float *const *q, float *const *out, int nq, int64_t n0,
-                        const int64_t *slots, int64_t kvh, float scale, float *sc, int64_t L) {
-    const int64_t D = kv->dim, dt = kv->dtype, vh = kv->heads / 2 + kvh, nmax = n0 + nq - 1;
+// One block of work: query rows 0..nq-1 of one sequence (row i sees context columns 0 .. n0 + i - 1) for
+// heads h0 .. h0 + nh - 1. Tokens are the outer loop, so each context slot's rows of these heads (adjacent
+// in the pool) are read once, in order, for every row and head of the block. Per (row, head) the
+// arithmetic is the same whatever nq, nh or the batch: dots of one accumulator in D order reduced by one
+// tree (dot1 = dot8), softmax in column order, and outputs summed in column order; columns a row does not
+// see get weight 0.
+static void attend_block(const ls_kv *kv, const float *q0, int64_t q_stride, float *o0, int64_t o_stride,
+                         int nq, int64_t n0, const int64_t *slots, int64_t h0, int nh, int64_t group,
+                         float scale, float *sc, int64_t L, float *local) {
+    const int64_t D = kv->dim, dt = kv->dtype, Hkv = kv->heads / 2, nmax = n0 + nq - 1;
+    const int64_t row_bytes = D * KV_SIZE[dt];
+    // Queries and outputs in a contiguous scratch: rows of q and out lie H * D floats apart, a multiple of
+    // 4 KiB for common shapes, and would all fall in the same few L1 sets.
+    const float *q[HCHUNK][QTILE];
+    float *o[HCHUNK][QTILE];
+    for (int hh = 0; hh < nh; hh++)
+        for (int i = 0; i < nq; i++) {
+            float *ql = local + ((int64_t)hh * QTILE + i) * D;
+            memcpy(ql, q0 + i * q_stride + (h0 + hh) * D, sizeof(float) * (size_t)D);
+            q[hh][i] = ql;
+            o[hh][i] = local + ((int64_t)(HCHUNK + hh) * QTILE + i) * D;
+        }
+#define SC(hh, i) (sc + ((int64_t)(hh) * QTILE + (i)) * L)
     for (int64_t t = 0; t < nmax; t++) {
-        const void *k = row_at(kv, slots[t], kvh);
-        const float ks = row_scale(kv, slots[t], kvh) * scale;
-        for (int i = t < n0 ? 0 : (int)(t - n0 + 1); i < nq; i++) sc[i * L + t] = dot_row(dt, q[i], k, D) * ks;
+        if (t + PF_AHEAD < nmax)
+            for (int hh = 0; hh < nh; hh += 1) prefetch_row(row_at(kv, slots[t + PF_AHEAD], (h0 + hh) / group), row_bytes);
+        for (int hh = 0; hh < nh; hh++) {
+            const int64_t kvh = (h0 + hh) / group;
+            const void *k = row_at(kv, slots[t], kvh);
+            const float ks = row_scale(kv, slots[t], kvh) * scale;
+            if (nq == QTILE) {
+                float d[QTILE];
+                dot8(dt, q[hh], k, D, d);
+                for (int i = 0; i < QTILE; i++) SC(hh, i)[t] = d[i] * ks;
+            } else {
+                for (int i = t < n0 ? 0 : (int)(t - n0 + 1); i < nq; i++) SC(hh, i)[t] = dot1(dt, q[hh][i], k, D) * ks;
+            }
+        }
     }
-    float inv_sum[QTILE];
-    for (int i = 0; i < nq; i++) {
-        float *s = sc + i * L, mx = -INFINITY, sum = 0.0f;
-        const int64_t n = n0 + i;
-        for (int64_t t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
-        int64_t t = 0;
-        for (; t + 8 <= n; t += 8)
-            _mm256_storeu_ps(s + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx))));
-        for (; t < n; t++) s[t] = expf(s[t] - mx);
-        for (t = 0; t < n; t++) sum += s[t];
-        inv_sum[i] = sum;
-        memset(out[i], 0, sizeof(float) * (size_t)D);
+    for (int hh = 0; hh < nh; hh++) {
+        const int64_t vh = Hkv + (h0 + hh) / group;
+        for (int i = 0; i < nq; i++) {
+            float *s = SC(hh, i), mx = -INFINITY, sum = 0.0f;
+            const int64_t n = n0 + i;
+            for (int64_t t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+            int64_t t = 0;
+            for (; t + 8 <= n; t += 8)
+                _mm256_storeu_ps(s + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx))));
+            for (; t < n; t++) s[t] = expf(s[t] - mx);
+            for (t = 0; t < n; t++) sum += s[t];
+            for (t = 0; t < n; t++) s[t] = s[t] / sum * row_scale(kv, slots[t], vh);
+            for (; t < nmax; t++) s[t] = 0.0f;  // columns this row does not see
+            memset(o[hh][i], 0, sizeof(float) * (size_t)D);
+        }
     }
-    for (int64_t t = 0; t < nmax; t++) {
-        const void *v = row_at(kv, slots[t], vh);
-        const float vs = row_scale(kv, slots[t], vh);
-        for (int i = t < n0 ? 0 : (int)(t - n0 + 1); i < nq; i++)
-            axpy_row(dt, sc[i * L + t] / inv_sum[i] * vs, v, out[i], D);
+    if (nq == QTILE) {
+        // A full tile: per 8 output values, the 8 rows' sums stay in registers over all columns.
+        for (int hh = 0; hh < nh; hh++) {
+            const int64_t vh = Hkv + (h0 + hh) / group;
+            const float *w[QTILE];
+            for (int i = 0; i < QTILE; i++) w[i] = SC(hh, i);
+            for (int64_t c = 0; c < D; c += 8) {
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                for (int64_t t = 0; t < nmax; t++) {
+                    const __m256 v8 = load8(dt, row_at(kv, slots[t], vh), c);
+                    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[0] + t), v8, a0);
+                    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[1] + t), v8, a1);
+                    a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[2] + t), v8, a2);
+                    a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[3] + t), v8, a3);
+                    a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[4] + t), v8, a4);
+                    a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[5] + t), v8, a5);
+                    a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[6] + t), v8, a6);
+                    a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[7] + t), v8, a7);
+                }
+                _mm256_storeu_ps(o[hh][0] + c, a0), _mm256_storeu_ps(o[hh][1] + c, a1);
+                _mm256_storeu_ps(o[hh][2] + c, a2), _mm256_storeu_ps(o[hh][3] + c, a3);
+                _mm256_storeu_ps(o[hh][4] + c, a4), _mm256_storeu_ps(o[hh][5] + c, a5);
+                _mm256_storeu_ps(o[hh][6] + c, a6), _mm256_storeu_ps(o[hh][7] + c, a7);
+            }
+        }
+    } else {
+        // Fewer rows (decode: one): columns outer, so each slot's rows of these heads are read once.
+        for (int64_t t = 0; t < nmax; t++) {
+            if (t + PF_AHEAD < nmax)
+                for (int hh = 0; hh < nh; hh++)
+                    prefetch_row(row_at(kv, slots[t + PF_AHEAD], Hkv + (h0 + hh) / group), row_bytes);
+            for (int hh = 0; hh < nh; hh++) {
+                const void *v = row_at(kv, slots[t], Hkv + (h0 + hh) / group);
+                for (int64_t c = 0; c < D; c += 8) {
+                    const __m256 v8 = load8(dt, v, c);
+                    for (int i = 0; i < nq; i++)
+                        _mm256_storeu_ps(o[hh][i] + c, _mm256_fmadd_ps(_mm256_set1_ps(SC(hh, i)[t]), v8,
+                                                                       _mm256_loadu_ps(o[hh][i] + c)));
+                }
+            }
+        }
     }
+    for (int hh = 0; hh < nh; hh++)
+        for (int i = 0; i < nq; i++)
+            memcpy(o0 + i * o_stride + (h0 + hh) * D, o[hh][i], sizeof(float) * (size_t)D);
+#undef SC
 }
 
 int ls_attention(const ls_kv *kv, const float *q, int64_t q_stride, int64_t H, int64_t B,
@@ -147,26 +254,33 @@ int ls_attention(const ls_kv *kv, const float *q, int64_t q_stride, int64_t H, i
     if (ls_kv_check(kv) || B < 1 || L < 1 || H < 1) return LS_EINVAL;
     const int64_t Hkv = kv->heads / 2, D = kv->dim;
     if (H % Hkv || q_stride < H * D || out_stride < H * D) return LS_EINVAL;
+    // Work items: (sequence, head chunk, tile of QTILE rows), sequence-major; enough of them to keep every
+    // thread busy (the chunking never changes a result, only the loop order across heads).
+    const int threads = omp_get_max_threads();
+    int64_t tiles_total = 0;
+    for (int64_t b = 0; b < B; b++) tiles_total += (q_lens[b] + QTILE - 1) / QTILE;
+    int64_t nchunks = (H + HCHUNK - 1) / HCHUNK;
+    while (nchunks < H && tiles_total * nchunks < 4 * threads) nchunks++;
+    const int64_t hc = (H + nchunks - 1) / nchunks;  // heads per chunk
+    nchunks = (H + hc - 1) / hc;
     int64_t *first = malloc(sizeof(int64_t) * (size_t)(2 * B + 1));  // per sequence: first row, first item
     if (!first) return LS_ENOMEM;
-    int64_t *item0 = first + B, rows = 0, work = 0;
+    int64_t *item0 = first + B, rows = 0, items = 0, work = 0;
     for (int64_t b = 0; b < B; b++) {
         const int64_t ql = q_lens[b], cl = ctx_lens[b];
         if (ql < 1 || ql > cl || cl > L) { free(first); return LS_EINVAL; }
         for (int64_t t = 0; t < cl; t++)
             if (ctx_slots[b * L + t] < 0 || ctx_slots[b * L + t] >= kv->slots) { free(first); return LS_EINVAL; }
         first[b] = rows;
-        rows += ql;
-        work += H * ((ql + QTILE - 1) / QTILE) * (ql + cl);  // (cost weight only for the threshold)
-    }
-    int64_t items = 0;  // items: (sequence, head, tile), sequence-major
-    for (int64_t b = 0; b < B; b++) {
         item0[b] = items;
-        items += H * ((q_lens[b] + QTILE - 1) / QTILE);
+        rows += ql;
+        items += nchunks * ((ql + QTILE - 1) / QTILE);
+        work += H * ql * cl;
     }
     item0[B] = items;
-    const int threads = omp_get_max_threads();
-    float *scores = malloc(sizeof(float) * (size_t)threads * QTILE * (size_t)L);
+    // Per thread: scores [HCHUNK][QTILE][Ls] (rows padded off 4 KiB multiples), then queries and outputs.
+    const int64_t Ls = L + 16, per_thread = HCHUNK * QTILE * (Ls + 2 * D);
+    float *scores = malloc(sizeof(float) * (size_t)threads * (size_t)per_thread);
     if (!scores) { free(first); return LS_ENOMEM; }
     const float scale = 1.0f / sqrtf((float)D);
     const int64_t group = H / Hkv;
@@ -175,17 +289,14 @@ int ls_attention(const ls_kv *kv, const float *q, int64_t q_stride, int64_t H, i
         int64_t b = 0;
         while (item0[b + 1] <= it) b++;
         const int64_t tiles = (q_lens[b] + QTILE - 1) / QTILE, local = it - item0[b];
-        const int64_t h = local / tiles, r0 = (local % tiles) * QTILE;
+        const int64_t h0 = (local / tiles) * hc, r0 = (local % tiles) * QTILE;
+        const int nh = (int)(H - h0 < hc ? H - h0 : hc);
         const int nq = (int)(q_lens[b] - r0 < QTILE ? q_lens[b] - r0 : QTILE);
-        const float *qr[QTILE];
-        float *orow[QTILE];
-        for (int i = 0; i < nq; i++) {
-            qr[i] = q + (first[b] + r0 + i) * q_stride + h * D;
-            orow[i] = out + (first[b] + r0 + i) * out_stride + h * D;
-        }
         const int64_t n0 = ctx_lens[b] - q_lens[b] + r0 + 1;  // columns row r0 sees
-        attend_tile(kv, qr, orow, nq, n0, ctx_slots + b * L, h / group, scale,
-                    scores + (size_t)omp_get_thread_num() * QTILE * (size_t)L, L);
+        float *mine = scores + (size_t)omp_get_thread_num() * (size_t)per_thread;
+        attend_block(kv, q + (first[b] + r0) * q_stride, q_stride, out + (first[b] + r0) * out_stride,
+                     out_stride, nq, n0, ctx_slots + b * L, h0, nh, group, scale, mine, Ls,
+                     mine + HCHUNK * QTILE * Ls);
     }
     free(scores);
     free(first);
