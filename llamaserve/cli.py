@@ -158,8 +158,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"CPU kernels: {native.info()}")
     import torch
 
-    from llamaserve.engine.model_runner import GiB, free_memory, memory_margin
     from llamaserve.model.kv_cache import KV_DTYPES, PagedKVCache
+    from llamaserve.sysmem import GiB, free_memory, memory_margin
 
     ctx = cfg.max_position_embeddings
     per = {name: PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,

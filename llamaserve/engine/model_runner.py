@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -14,11 +13,10 @@ from llamaserve.engine.outputs import SchedulerOutput
 from llamaserve.model.kv_cache import KV_DTYPES, AttentionMetadata, PagedKVCache, build_metadata
 from llamaserve.model.llama import Transformer
 from llamaserve.model.native import FusedDecoder
+from llamaserve.sysmem import GiB, free_memory, memory_margin, return_freed_memory
 
 log = logging.getLogger("llamaserve.engine")
-
-
-GiB = 1024**3
+TRIM_AFTER_TOKENS = 256  # steps computing at least this many tokens give their freed heap back
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,32 +58,6 @@ def kv_cache_dtype(model: Transformer, config: EngineConfig) -> torch.dtype:
         return model.dtype
     exact = model.act_dtype is None and model.dtype == torch.float32  # dense float32 weights
     return torch.float32 if exact else torch.bfloat16
-
-
-def free_memory(device: torch.device) -> tuple[int, int]:
-    """(bytes free now, bytes in total) of the device: the GPU's from CUDA; on the CPU MemAvailable and
-    MemTotal from /proc/meminfo, within a cgroup v2 memory limit when there is one."""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        return int(free), int(total)
-    info = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info[key] = int(value.split()[0]) * 1024
-    free, total = info["MemAvailable"], info["MemTotal"]
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            free, total = min(free, int(limit) - used), min(total, int(limit))
-    except (OSError, ValueError):
-        pass
-    return free, total
-
-
-def memory_margin(total: int) -> int:
-    """What auto sizing leaves free: 1 GiB or a tenth of the memory, the larger (activations, the OS)."""
-    return max(GiB, total // 10)
 
 
 def plan_kv_cache(model: Transformer, config: EngineConfig, max_model_len: int,
@@ -209,6 +181,15 @@ class ModelRunner:
         prefill happened to share its step (deterministic output under batching).
         """
         items = list(sched.scheduled)
+        try:
+            return self._execute_paths(items)
+        finally:
+            # A long prefill step's temporaries (tens of MB each) stay in glibc's heap, in RSS, unless
+            # handed back; it costs far less than such a step.
+            if self.device.type == "cpu" and sum(i.num_new_tokens for i in items) >= TRIM_AFTER_TOKENS:
+                return_freed_memory()
+
+    def _execute_paths(self, items: list) -> torch.Tensor:
         if self.fused is None:
             return self._execute(items)
         groups = [[i for i, item in enumerate(items) if (item.num_new_tokens == 1) == single]

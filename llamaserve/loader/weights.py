@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from llamaserve.model.quant import (
     RawTensor,
     q4_from_blocks,
 )
+from llamaserve.sysmem import return_freed_memory
 
 log = logging.getLogger("llamaserve")
 
@@ -256,7 +256,7 @@ def load_model(
         _copy_into(net, params, name, value, seen)
         if isinstance(value, RawTensor):  # packing freed its temporaries: give them back before the next
             del value
-            _return_freed_memory()  # (glibc keeps freed heap pages: a 7B Q4_K_M load peaked at 8.8 GB)
+            return_freed_memory()  # (glibc keeps freed heap pages: a 7B Q4_K_M load peaked at 8.8 GB)
         bar.update(1)
     bar.close()
     _check_complete(net, seen)
@@ -272,7 +272,7 @@ def load_model(
     only = None if mode == "int8" else {"output"} if mode == "int4" else set()
     _swap_linears(net, lambda lin: Int8Linear(lin.weight.detach(), kernel_dtype), only)
     net.eval()
-    _return_freed_memory()
+    return_freed_memory()
     if quantized:
         log.info("quantization %s: %s; kernels: %s", mode, _describe(net), native.info())
     net.load_seconds = time.perf_counter() - start  # type: ignore[assignment]
@@ -291,15 +291,6 @@ def _describe(net: Transformer) -> str:
         elif isinstance(m, nn.Linear):
             kinds["dense"] += 1
     return ", ".join(f"{k} x {n}" for k, n in sorted(kinds.items()))
-
-
-def _return_freed_memory() -> None:
-    """Give the heap's free pages back to the OS: the load's staging buffers (a 7B int4 load frees
-    0.6 GB that glibc would otherwise keep in RSS). A no-op where glibc is not the C library."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _check_complete(net: Transformer, seen: set) -> None:
