@@ -158,6 +158,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"CPU kernels: {native.info()}")
     import torch
 
+    from llamaserve.engine.model_runner import auto_kv_blocks
     from llamaserve.model.kv_cache import KV_DTYPES, PagedKVCache
     from llamaserve.sysmem import GiB, free_memory, memory_margin
 
@@ -171,10 +172,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     # sized from the memory free once the weights (about the file's size; bfloat16 for safetensors) load.
     weights = src.path.stat().st_size if src.kind == "gguf" else n * 2
     free, total = free_memory(torch.device("cpu"))
-    room = free - weights - memory_margin(total)
-    fit = max(0, room) // per["bfloat16"]
-    want = EngineConfig().max_num_seqs * ctx
-    verdict = (f"{min(fit, want):,} tokens ({min(fit, want) / ctx:.1f} full contexts)" if fit >= ctx else
+    d = EngineConfig()
+    blocks = auto_kv_blocks(free - weights, total, per["bfloat16"] * d.block_size, -(-ctx // d.block_size),
+                            d.max_num_seqs)
+    bs = d.block_size
+    verdict = (f"{blocks * bs:,} tokens ({blocks * bs / ctx:.1f} full contexts)" if blocks else
                "not one full context: serve would refuse to start (see --max-model-len, --kv-cache-dtype "
                "int8, --kv-cache-memory)")
     print(f"KV cache with --kv-cache-memory auto here now: {verdict}; {free / GiB:.1f} GiB free, about "

@@ -44,10 +44,8 @@ def new_seqs(
 
 def native_pools(cache: PagedKVCache) -> list[NativeKV]:
     """The cache's pools as our kernels see them, without switching the cache's own steps to them."""
-    if not hasattr(cache, "_test_native"):
-        scales = cache.scales or [None] * len(cache.kv)
-        cache._test_native = [NativeKV(p, s) for p, s in zip(cache.kv, scales, strict=True)]  # type: ignore[attr-defined]
-    return cache._test_native  # type: ignore[attr-defined]
+    scales = cache.scales or [None] * len(cache.kv)
+    return [NativeKV(p, s) for p, s in zip(cache.kv, scales, strict=True)]
 
 
 def step(

@@ -37,15 +37,19 @@ class KVCachePlan:
     def nbytes(self) -> int:
         return self.num_tokens * self.bytes_per_token
 
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
     def as_dict(self) -> dict[str, int | str]:
         """What /health reports."""
         return {"tokens": self.num_tokens, "blocks": self.num_blocks, "block_size": self.block_size,
-                "dtype": str(self.dtype).removeprefix("torch."), "bytes_per_token": self.bytes_per_token,
+                "dtype": self.dtype_name, "bytes_per_token": self.bytes_per_token,
                 "bytes": self.nbytes, "sizing": self.how}
 
     def describe(self) -> str:
         return (f"KV cache: {self.num_tokens:,} tokens ({self.num_blocks} blocks of {self.block_size}) in "
-                f"{str(self.dtype).removeprefix('torch.')}, {self.bytes_per_token / 1024:.1f} KiB per token, "
+                f"{self.dtype_name}, {self.bytes_per_token / 1024:.1f} KiB per token, "
                 f"{self.nbytes / GiB:.2f} GiB ({self.how})")
 
 
@@ -60,6 +64,13 @@ def kv_cache_dtype(model: Transformer, config: EngineConfig) -> torch.dtype:
     return torch.float32 if exact else torch.bfloat16
 
 
+def auto_kv_blocks(free: int, total: int, per_block: int, context_blocks: int, max_num_seqs: int) -> int:
+    """--kv-cache-memory auto: blocks for max_num_seqs contexts of context_blocks within `free` bytes
+    less memory_margin(total); 0 when not even one context fits."""
+    fit = max(0, free - memory_margin(total)) // per_block
+    return 0 if fit < context_blocks else int(min(fit, context_blocks * max_num_seqs))
+
+
 def plan_kv_cache(model: Transformer, config: EngineConfig, max_model_len: int,
                   memory: tuple[int, int] | None = None) -> KVCachePlan:
     """Size the pool: config.kv_cache_memory GB, or (0, auto) room for max_num_seqs full contexts of
@@ -70,7 +81,6 @@ def plan_kv_cache(model: Transformer, config: EngineConfig, max_model_len: int,
     per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                              dtype)
     per_block = per_token * bs
-    name = str(dtype).removeprefix("torch.")
     if config.kv_cache_memory > 0:
         blocks = int(config.kv_cache_memory * 1024**3 // per_block)
         if blocks < 2:
@@ -82,15 +92,15 @@ def plan_kv_cache(model: Transformer, config: EngineConfig, max_model_len: int,
     free, total = memory or free_memory(next(model.parameters()).device)
     margin = memory_margin(total)
     one = -(-max_model_len // bs)  # blocks for one full context
-    fit = max(0, free - margin) // per_block
-    if fit < one:
+    blocks = auto_kv_blocks(free, total, per_block, one, config.max_num_seqs)
+    if not blocks:
+        name = str(dtype).removeprefix("torch.")
         raise ValueError(
             f"the KV cache cannot hold one full context: {max_model_len:,} tokens x "
             f"{per_token / 1024:.1f} KiB ({name}) = {one * per_block / GiB:.2f} GiB, but "
             f"{free / GiB:.2f} GiB is free and {margin / GiB:.2f} GiB is kept as margin; lower "
             "--max-model-len, use --kv-cache-dtype int8, or set --kv-cache-memory GB"
         )
-    blocks = int(min(fit, one * config.max_num_seqs))
     how = (f"auto: {blocks / one:.1f} full {max_model_len}-token contexts; {free / GiB:.1f} GiB free, "
            f"{margin / GiB:.1f} GiB kept free")
     return KVCachePlan(dtype, blocks, bs, per_token, how)

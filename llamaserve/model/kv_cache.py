@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llamaserve.model import native
+
 CTX_ALIGN = 32
 # --kv-cache-dtype values (auto is resolved by the engine) and what a pool slot stores.
 KV_DTYPES = {
@@ -77,16 +79,14 @@ class PagedKVCache:
                            for _ in range(num_layers)]
         for pool in self.kv:
             pool[0].zero_()
-        self.native: list | None = None  # per layer a native.NativeKV once use_native() ran
+        self.native: list[native.NativeKV] | None = None  # per layer, once use_native() ran
 
     @property
     def num_slots(self) -> int:
         return self.num_blocks * self.block_size
 
-    def use_native(self) -> list:
+    def use_native(self) -> list[native.NativeKV]:
         """Attend and store with our kernels from now on (CPU pools); returns the layers' NativeKV."""
-        from llamaserve.model import native
-
         if self.native is None:
             self.native = [native.NativeKV(pool, None if self.scales is None else self.scales[i])
                            for i, pool in enumerate(self.kv)]
@@ -101,8 +101,6 @@ class PagedKVCache:
     def write(self, layer: int, slot_mapping: torch.Tensor, kv_new: torch.Tensor) -> None:
         """Store this step's keys and values [T, 2 * kv_heads, D] of one layer."""
         if self.native is not None:
-            from llamaserve.model import native
-
             native.kv_store(self.native[layer], kv_new, slot_mapping)
             return
         if self.scales is not None:
@@ -117,8 +115,6 @@ class PagedKVCache:
         in q's dtype."""
         T, H, D = q.shape
         if self.native is not None:
-            from llamaserve.model import native
-
             out = native.attention(self.native[layer], q, meta.q_lens, meta.ctx_slots, meta.ctx_lens)
             return out.to(q.dtype)
         pool = self.kv[layer]

@@ -306,6 +306,8 @@ class NativeKV:
                                        or not scale.is_contiguous())):
             raise ValueError("an int8 KV pool needs a contiguous float32 scale [slots, heads]; others none")
         self.data, self.scale = data, scale
+        # What the ops take as the scale argument: an empty tensor for float pools (made once, not per call).
+        self.scale_arg = scale if scale is not None else data.new_empty(0, dtype=torch.float32)
         self.heads, self.dim = data.shape[1], data.shape[2]
         self.struct = LsKV(dtype=KV_DTYPE_CODES[data.dtype], slots=data.shape[0], heads=self.heads,
                            dim=self.dim, data=data.data_ptr(),
@@ -315,15 +317,12 @@ class NativeKV:
 
     def store(self, kv_new: torch.Tensor, slots: torch.Tensor) -> None:
         """kv_new [T, heads, dim] (any float dtype) into slots [T]."""
-        _kv_store_at(self.data, self._scale(), kv_new, slots, self.address)
+        _kv_store_at(self.data, self.scale_arg, kv_new, slots, self.address)
 
     def attend(self, q: torch.Tensor, q_lens: torch.Tensor, ctx_slots: torch.Tensor,
                ctx_lens: torch.Tensor) -> torch.Tensor:
         """q [T, H, dim] -> float32 [T, H * dim]: each sequence's rows attend causally to its context."""
-        return _attention_at(self.data, self._scale(), q, q_lens, ctx_slots, ctx_lens, self.address)
-
-    def _scale(self) -> torch.Tensor:
-        return self.scale if self.scale is not None else self.data.new_empty(0, dtype=torch.float32)
+        return _attention_at(self.data, self.scale_arg, q, q_lens, ctx_slots, ctx_lens, self.address)
 
 
 def _i64(t: torch.Tensor) -> torch.Tensor:
@@ -378,7 +377,7 @@ def _(data, scale, q, q_lens, ctx_slots, ctx_lens, address):  # noqa: ANN001, AN
 def kv_store(kv: NativeKV, kv_new: torch.Tensor, slots: torch.Tensor) -> None:
     """NativeKV.store, also inside torch.compile."""
     if torch.compiler.is_compiling():
-        _kv_store_op(kv.data, kv._scale(), kv_new, slots, kv.address)
+        _kv_store_op(kv.data, kv.scale_arg, kv_new, slots, kv.address)
     else:
         kv.store(kv_new, slots)
 
@@ -387,7 +386,7 @@ def attention(kv: NativeKV, q: torch.Tensor, q_lens: torch.Tensor, ctx_slots: to
               ctx_lens: torch.Tensor) -> torch.Tensor:
     """NativeKV.attend, also inside torch.compile."""
     if torch.compiler.is_compiling():
-        return _attention_op(kv.data, kv._scale(), q, q_lens, ctx_slots, ctx_lens, kv.address)
+        return _attention_op(kv.data, kv.scale_arg, q, q_lens, ctx_slots, ctx_lens, kv.address)
     return kv.attend(q, q_lens, ctx_slots, ctx_lens)
 
 

@@ -209,7 +209,7 @@ def test_health_and_routes_503_until_the_engine_is_attached(engine: AsyncEngine)
     kv, llm = health.json()["kv_cache"], engine.engine
     assert health.json()["status"] == "ok" and health.json()["max_model_len"] == llm.max_model_len
     assert kv["tokens"] == llm.num_blocks * 16 == kv["blocks"] * kv["block_size"]
-    assert kv["dtype"] == str(llm.runner.cache.dtype).removeprefix("torch.")
+    assert kv["dtype"] == llm.kv_plan.dtype_name and llm.kv_plan.dtype == llm.runner.cache.dtype
     assert kv["bytes_per_token"] == 2 * 30 * 3 * 64 * llm.runner.cache.kv[0].element_size()  # SmolLM2
     assert kv["bytes"] == kv["tokens"] * kv["bytes_per_token"] and 0 <= kv["blocks_in_use"] <= kv["blocks"]
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL

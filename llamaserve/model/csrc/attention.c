@@ -43,16 +43,15 @@ AI __m256 load8(int64_t dtype, const void *p, int64_t i) {
     }
 }
 
+static const int64_t KV_SIZE[LS_KV_NUM_DTYPES] = {4, 2, 2, 1};  // bytes per stored value
+
 AI const void *row_at(const ls_kv *kv, int64_t slot, int64_t head) {
-    static const int64_t size[LS_KV_NUM_DTYPES] = {4, 2, 2, 1};
-    return (const char *)kv->data + (slot * kv->heads + head) * kv->dim * size[kv->dtype];
+    return (const char *)kv->data + (slot * kv->heads + head) * kv->dim * KV_SIZE[kv->dtype];
 }
 
 AI float row_scale(const ls_kv *kv, int64_t slot, int64_t head) {
     return kv->scale ? kv->scale[slot * kv->heads + head] : 1.0f;
 }
-
-static const int64_t KV_SIZE[LS_KV_NUM_DTYPES] = {4, 2, 2, 1};
 
 AI void prefetch_row(const void *row, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)row + i, _MM_HINT_T0);
@@ -76,21 +75,15 @@ AI float dot1(int64_t dtype, const float *q, const void *row, int64_t D) {
 
 // The same dot for 8 query rows at once (the row is converted once): out[r] equals dot1(q[r], row).
 AI void dot8(int64_t dtype, const float *const *q, const void *row, int64_t D, float *out) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    __m256 a[QTILE];
+    for (int r = 0; r < QTILE; r++) a[r] = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; i += 8) {
         const __m256 k = load8(dtype, row, i);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q[0] + i), k, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q[1] + i), k, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q[2] + i), k, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q[3] + i), k, a3);
-        a4 = _mm256_fmadd_ps(_mm256_loadu_ps(q[4] + i), k, a4);
-        a5 = _mm256_fmadd_ps(_mm256_loadu_ps(q[5] + i), k, a5);
-        a6 = _mm256_fmadd_ps(_mm256_loadu_ps(q[6] + i), k, a6);
-        a7 = _mm256_fmadd_ps(_mm256_loadu_ps(q[7] + i), k, a7);
+        for (int r = 0; r < QTILE; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q[r] + i), k, a[r]);
     }
     // lo + hi of each row, two rows per vector: [r lanes 0..3 | s lanes 0..3]
 #define LOHI(x, y) _mm256_add_ps(_mm256_permute2f128_ps((x), (y), 0x20), _mm256_permute2f128_ps((x), (y), 0x31))
-    const __m256 s01 = LOHI(a0, a1), s23 = LOHI(a2, a3), s45 = LOHI(a4, a5), s67 = LOHI(a6, a7);
+    const __m256 s01 = LOHI(a[0], a[1]), s23 = LOHI(a[2], a[3]), s45 = LOHI(a[4], a[5]), s67 = LOHI(a[6], a[7]);
 #undef LOHI
     // hadd twice: lanes [r0 r2 r4 r6 | r1 r3 r5 r7], each (s0+s1)+(s2+s3) as in hsum_tree
     const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s01, s23), _mm256_hadd_ps(s45, s67));
@@ -207,22 +200,13 @@ static void attend_block(const ls_kv *kv, const float *q0, int64_t q_stride, flo
             const float *w[QTILE];
             for (int i = 0; i < QTILE; i++) w[i] = SC(hh, i);
             for (int64_t c = 0; c < D; c += 8) {
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+                __m256 a[QTILE];
+                for (int i = 0; i < QTILE; i++) a[i] = _mm256_setzero_ps();
                 for (int64_t t = 0; t < nmax; t++) {
                     const __m256 v8 = load8(dt, row_at(kv, slots[t], vh), c);
-                    a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[0] + t), v8, a0);
-                    a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[1] + t), v8, a1);
-                    a2 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[2] + t), v8, a2);
-                    a3 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[3] + t), v8, a3);
-                    a4 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[4] + t), v8, a4);
-                    a5 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[5] + t), v8, a5);
-                    a6 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[6] + t), v8, a6);
-                    a7 = _mm256_fmadd_ps(_mm256_broadcast_ss(w[7] + t), v8, a7);
+                    for (int i = 0; i < QTILE; i++) a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(w[i] + t), v8, a[i]);
                 }
-                _mm256_storeu_ps(o[hh][0] + c, a0), _mm256_storeu_ps(o[hh][1] + c, a1);
-                _mm256_storeu_ps(o[hh][2] + c, a2), _mm256_storeu_ps(o[hh][3] + c, a3);
-                _mm256_storeu_ps(o[hh][4] + c, a4), _mm256_storeu_ps(o[hh][5] + c, a5);
-                _mm256_storeu_ps(o[hh][6] + c, a6), _mm256_storeu_ps(o[hh][7] + c, a7);
+                for (int i = 0; i < QTILE; i++) _mm256_storeu_ps(o[hh][i] + c, a[i]);
             }
         }
     } else {
