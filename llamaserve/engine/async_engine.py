@@ -1,18 +1,22 @@
-"""One engine thread stepping the LLMEngine; per-request asyncio queues carry deltas to the server."""
+"""One engine thread stepping the LLMEngine; each HTTP request gets one asyncio queue of typed deltas."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import uuid
+import weakref
+from dataclasses import dataclass, field
 
 from llamaserve.engine.llm_engine import LLMEngine
 from llamaserve.engine.outputs import RequestOutput
 from llamaserve.engine.sampling_params import SamplingParams
+from llamaserve.engine.structured import Grammar
+from llamaserve.loader.tokenizer import Tokenizer
 
 log = logging.getLogger("llamaserve.engine")
 
@@ -21,32 +25,152 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; no request can be served until a restart."""
 
 
+class QueueFull(Exception):
+    """Admission refused: more sequences already wait than the queue bound allows."""
+
+    def __init__(self, waiting: int, max_queue: int, retry_after: int) -> None:
+        super().__init__(f"the server is at capacity: {waiting} sequences are already waiting "
+                         f"(--max-queue {max_queue}); retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
 @dataclass(slots=True)
 class EngineStats:
     num_running: int  # sequences
     num_running_requests: int
-    num_waiting: int
+    num_waiting: int  # sequences
     kv_cache_usage: float
     prefix_query_tokens: int
     prefix_hit_tokens: int
     tokens_per_second: float  # recent generation throughput, for Retry-After estimates
     num_preemptions: int = 0  # over the engine's lifetime
+    blocks_in_use: int = 0
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    grammar: Grammar | None
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(slots=True)
+class _Target:
+    """Where the engine thread delivers one engine request's outputs: (prompt index, output)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    index: int
+
+
+@dataclass(slots=True, eq=False)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(eq=False)
+class RequestStream:
+    """The deltas of one HTTP request's prompts, in arrival order: `async for i, out in stream`.
+
+    Closing it (or dropping it) aborts whatever has not finished; a failed engine raises EngineDeadError.
+    """
+
+    engine: AsyncEngine
+    ids: list[str]
+    queue: asyncio.Queue
+    started: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    _final: dict[int, RequestOutput] = field(default_factory=dict)
+    _open: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._open = set(range(len(self.ids)))
+        weakref.finalize(self, self.engine._close, list(self.ids), self._open)
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.started
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self._open:
+            raise StopAsyncIteration
+        i, out = await self.queue.get()
+        if isinstance(out, BaseException):
+            self.close()
+            raise out
+        if self.first_token is None and any(c.token_ids for c in out.outputs):
+            self.first_token = time.monotonic()
+        self._final[i] = out
+        finals = self._final.values()
+        self.usage = Usage(sum(o.prompt_tokens for o in finals), sum(o.completion_tokens for o in finals),
+                           sum(o.cached_tokens for o in finals))
+        if out.finished:
+            self._open.discard(i)
+            self.engine._finished(out)
+        if out.error:  # the engine failed and finished every request with this message
+            self.close()
+            raise EngineDeadError(out.error)
+        return i, out
+
+    def close(self) -> None:
+        self.engine._close(self.ids, self._open)
 
 
 class AsyncEngine:
-    """Thread-safe front of the engine: `generate` streams RequestOutputs, `abort` stops a request."""
+    """Thread-safe front of the engine: `generate` admits and streams a request, closing it aborts."""
 
     def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # ("add", ...) / ("abort", id) / ("stop",)
+        self._engine = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()
+        self._targets: dict[str, _Target] = {}
+        self._lock = threading.Lock()  # guards _targets and _queued
+        self._queued = 0  # sequences handed to generate() that the engine thread has not added yet
         self._thread: threading.Thread | None = None
         self._stop = False
         self.error: str | None = None
         self._recent: list[tuple[float, int]] = []  # (time, tokens generated in a step)
         self._stats = EngineStats(0, 0, 0, 0.0, 0, 0, 0.0)
+        self._avg_completion_tokens = 128.0  # per sequence, for Retry-After estimates
+
+    # -- what the server reads ------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine.max_model_len
+
+    @property
+    def kv_cache(self) -> dict[str, int | str]:
+        return self._engine.kv_plan.as_dict() | {"blocks_in_use": self._stats.blocks_in_use}
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def num_in_flight(self) -> int:
+        """Engine requests with a consumer (an HTTP request with several prompts counts each)."""
+        with self._lock:
+            return len(self._targets)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -59,74 +183,75 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    @property
-    def healthy(self) -> bool:
-        return self.error is None and self._thread is not None and self._thread.is_alive()
-
-    @property
-    def stats(self) -> EngineStats:
-        return self._stats
-
-    @property
-    def num_in_flight(self) -> int:
-        with self._lock:
-            return len(self._streams)
-
-    @property
-    def num_waiting_requests(self) -> int:
-        """Accepted requests that are not running yet (queued here or in the scheduler)."""
-        return max(0, self.num_in_flight - self._stats.num_running_requests)
-
     # -- requests -------------------------------------------------------------------------------
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Enqueue, then yield deltas until the request finishes; a bad request raises ValueError."""
+    async def generate(self, prompts: list[list[int]], params: SamplingParams,
+                       max_queue: int | None = None) -> RequestStream:
+        """Validate, admit, compile the grammar (off the loop), then queue every prompt.
+
+        Raises ValueError for a bad request, QueueFull past `max_queue` waiting sequences (None: no
+        bound), EngineDeadError after an engine failure; all before anything is queued.
+        """
         if self.error is not None:
             raise EngineDeadError(self.error)
+        for prompt in prompts:  # reads only the engine's fixed configuration: safe off its thread
+            self._engine.check_request(prompt, params)
+        grammar = None
+        if params.structured is not None:
+            grammar = await asyncio.to_thread(self._engine.grammars.compile, params.structured)
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+        out: asyncio.Queue = asyncio.Queue()
+        rid = uuid.uuid4().hex[:16]
+        ids = [f"{rid}-{i}" for i in range(len(prompts))]
         with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = (loop, q)
-        self._commands.put(("add", request_id, prompt_token_ids, params))
+            self._admit(len(prompts) * params.n, max_queue)
+            self._queued += len(prompts) * params.n
+            for i, request_id in enumerate(ids):
+                self._targets[request_id] = _Target(loop, out, i)
+        for request_id, prompt in zip(ids, prompts, strict=True):
+            self._commands.put(_Add(request_id, prompt, params, grammar))
         self._wake.set()
-        finished = False
-        try:
-            while True:
-                out = await q.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if not finished:  # the consumer went away (client disconnect, cancellation)
-                self.abort(request_id)
+        return RequestStream(self, ids, out)
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
-        self._wake.set()
+    def _admit(self, new: int, max_queue: int | None) -> None:
+        """One waiting count: queued here plus the scheduler's; free running slots take some at once."""
+        if max_queue is None:
+            return
+        waiting = self._queued + self._engine.num_waiting_seqs
+        free = max(0, self._engine.config.max_num_seqs - self._engine.scheduler.num_running)
+        if waiting + new - free > max_queue:
+            rate = self._stats.tokens_per_second
+            wait = (waiting + new) * self._avg_completion_tokens / rate if rate > 0 else 1.0
+            raise QueueFull(waiting, max_queue, min(60, max(1, math.ceil(wait))))
+
+    def _close(self, ids: list[str], unfinished: set[int]) -> None:
+        with self._lock:
+            for request_id in ids:
+                self._targets.pop(request_id, None)
+        for i in sorted(unfinished):
+            self._commands.put(_Abort(ids[i]))
+        if unfinished:
+            unfinished.clear()
+            self._wake.set()
+
+    def _finished(self, out: RequestOutput) -> None:
+        per_seq = out.completion_tokens / max(1, len(out.outputs))
+        self._avg_completion_tokens = 0.9 * self._avg_completion_tokens + 0.1 * per_seq
 
     # -- the engine thread ----------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop:
             try:
                 self._apply_commands()
-                if not self.engine.has_unfinished:
+                if not self._engine.has_unfinished:
                     self._update_stats(0)
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                outputs = self.engine.step()
+                outputs = self._engine.step()
             except Exception as e:  # a model, kernel or engine bug: fail requests, never hang them
                 log.exception("engine step failed")
                 self.error = f"engine failure: {type(e).__name__}: {e}"
-                self._deliver(self.engine.fail_all(self.error))
+                self._deliver(self._engine.fail_all(self.error))
                 self._fail_pending(EngineDeadError(self.error))
                 return
             self._deliver(outputs)
@@ -138,20 +263,19 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
-                _, rid, prompt, params = cmd
-                with self._lock:
-                    wanted = rid in self._streams  # the client may have left already
-                if not wanted:
-                    continue
-                try:
-                    self.engine.add_request(rid, prompt, params)
-                except ValueError as e:
-                    self._push(rid, e)
-            else:
-                out = self.engine.abort_request(cmd[1])
+            if isinstance(cmd, _Abort):
+                out = self._engine.abort_request(cmd.request_id)
                 if out is not None:
                     self._deliver([out])
+                continue
+            with self._lock:
+                self._queued -= cmd.params.n
+                wanted = cmd.request_id in self._targets  # the client may have left already
+            if wanted:
+                try:
+                    self._engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.grammar)
+                except ValueError as e:
+                    self._push(cmd.request_id, e)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -159,16 +283,15 @@ class AsyncEngine:
 
     def _push(self, request_id: str, item: object) -> None:
         with self._lock:
-            target = self._streams.get(request_id)
+            target = self._targets.get(request_id)
         if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            target.loop.call_soon_threadsafe(target.queue.put_nowait, (target.index, item))
 
     def _fail_pending(self, error: BaseException) -> None:
         with self._lock:
-            targets = list(self._streams.values())
-        for loop, q in targets:
-            loop.call_soon_threadsafe(q.put_nowait, error)
+            targets = list(self._targets.values())
+        for t in targets:
+            t.loop.call_soon_threadsafe(t.queue.put_nowait, (t.index, error))
 
     def _update_stats(self, new_tokens: int) -> None:
         now = time.monotonic()
@@ -177,7 +300,9 @@ class AsyncEngine:
         self._recent = [(t, n) for t, n in self._recent if now - t < 10.0]
         span = now - self._recent[0][0] if len(self._recent) > 1 else 0.0
         rate = sum(n for _, n in self._recent[1:]) / span if span > 0 else 0.0
-        bm, sched = self.engine.block_manager, self.engine.scheduler
+        engine = self._engine
+        bm, sched = engine.block_manager, engine.scheduler
         running_requests = len({s.request_id for s in sched.running})
-        self._stats = EngineStats(sched.num_running, running_requests, sched.num_waiting, bm.usage,
-                                  bm.prefix_query_tokens, bm.prefix_hit_tokens, rate, sched.num_preemptions)
+        self._stats = EngineStats(sched.num_running, running_requests, engine.num_waiting_seqs, bm.usage,
+                                  bm.prefix_query_tokens, bm.prefix_hit_tokens, rate, sched.num_preemptions,
+                                  engine.num_blocks - bm.num_free_blocks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 import time
@@ -20,6 +21,7 @@ from llamaserve.engine.sampler import Sampler
 from llamaserve.engine.sampling_params import SamplingParams
 from llamaserve.engine.scheduler import Scheduler
 from llamaserve.engine.sequence import Sequence
+from llamaserve.engine.structured import Grammar, GrammarCompiler, GrammarState
 from llamaserve.loader.tokenizer import Tokenizer
 from llamaserve.model.llama import Transformer
 
@@ -75,10 +77,13 @@ class LLMEngine:
         self.runner = ModelRunner(model, config, self.num_blocks, self.kv_plan.dtype)
         self.block_manager = BlockManager(self.num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.block_manager, self.max_model_len)
-        self.sampler = Sampler(model.config.vocab_size, tokenizer.eos_token_ids, seed=config.seed)
+        self.grammars = GrammarCompiler(tokenizer.hf, tokenizer.vocab_size, tokenizer.eos_token_ids)
+        self.sampler = Sampler(model.config.vocab_size, tokenizer.eos_token_ids, seed=config.seed,
+                               grammars=self.grammars)
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
         self.num_steps = 0
+        self.num_pending_siblings = 0  # sequences of n > 1 requests that wait for their prompt's blocks
         self.source: ModelSource | None = None  # when built by from_model
 
     # -- requests -------------------------------------------------------------------------------
@@ -116,14 +121,24 @@ class LLMEngine:
             )
         return max_tokens
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    @property
+    def num_waiting_seqs(self) -> int:
+        """Sequences accepted but not running: in the scheduler's queue or waiting for a sibling's prompt."""
+        return self.scheduler.num_waiting + self.num_pending_siblings
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    grammar: Grammar | None = None) -> None:
+        """Queue a request; `grammar` is params.structured compiled (compiled here when not given)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        params.max_tokens = self.check_request(prompt_token_ids, params)
+        # Our own copy, with the effective max_tokens: the caller's params stay as they were.
+        params = dataclasses.replace(params, max_tokens=self.check_request(prompt_token_ids, params))
+        if params.structured is not None and grammar is None:
+            grammar = self.grammars.compile(params.structured)
         now = time.monotonic()
         seqs = [
             Sequence(next(self._seq_ids), request_id, list(prompt_token_ids), len(prompt_token_ids),
-                     params, index=i, arrival=now)
+                     params, index=i, arrival=now, grammar=None if grammar is None else grammar.start())
             for i in range(params.n)
         ]
         detoks = [
@@ -131,14 +146,16 @@ class LLMEngine:
                                    include_stop_str_in_output=params.include_stop_str_in_output)
             for _ in seqs
         ]
-        self.requests[request_id] = _Request(request_id, params, seqs, detoks, seqs[1:], now)
         self.scheduler.add(seqs[0])
+        self.requests[request_id] = _Request(request_id, params, seqs, detoks, seqs[1:], now)
+        self.num_pending_siblings += len(seqs) - 1
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final (empty) output."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        self.num_pending_siblings -= len(req.pending)
         req.pending.clear()
         outs = []
         for seq in req.seqs:
@@ -191,6 +208,7 @@ class LLMEngine:
         params = seq.params
         if seq.index == 0 and req.pending:  # the prompt is cached now: the siblings reuse its blocks
             self.scheduler.add_front(req.pending)
+            self.num_pending_siblings -= len(req.pending)
             req.pending = []
         detok = req.detoks[seq.index]
         text = detok.add([token])
@@ -202,6 +220,8 @@ class LLMEngine:
             reason, stop_reason = "stop", token
         elif token in self.tokenizer.eos_token_ids and not params.ignore_eos:
             reason = "stop"
+        elif seq.grammar is not None and self._grammar_done(seq, seq.grammar, token):
+            reason = "stop"
         elif seq.num_output_tokens >= (params.max_tokens or 0) or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:
@@ -210,6 +230,14 @@ class LLMEngine:
             self._finish(seq, reason)
         return CompletionOutput(seq.index, text, [token], None if logprob is None else [logprob],
                                 reason, stop_reason)
+
+    @staticmethod
+    def _grammar_done(seq: Sequence, grammar: GrammarState, token: int) -> bool:
+        """Advance the sequence's grammar by `token`; True once the grammar is complete."""
+        if not grammar.accept(token):  # the mask allowed it, so only a grammar engine bug gets here
+            log.warning("request %s: grammar refused token %d: %s", seq.request_id, token, grammar.error)
+            return True
+        return grammar.done
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

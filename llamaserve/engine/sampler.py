@@ -8,6 +8,7 @@ import torch
 
 from llamaserve.engine.outputs import TokenLogprob
 from llamaserve.engine.sequence import Sequence
+from llamaserve.engine.structured import GrammarCompiler
 
 _GREEDY_EPS = 1e-5  # temperatures below this sample greedily (dividing by them would overflow)
 _SEED_MASK = 0xFFFF_FFFF_FFFF_FFFF  # torch generators take 64-bit seeds
@@ -26,13 +27,15 @@ class Sampler:
     same text whatever else is in the batch; the others share one sampler-wide generator.
     """
 
-    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int | None = None) -> None:
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int | None = None,
+                 grammars: GrammarCompiler | None = None) -> None:
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be at least 1, got {vocab_size}")
         self.vocab_size = vocab_size
         # An EOS id past the model's vocabulary can never be sampled, so it never needs blocking.
         self.eos_token_ids = [t for t in eos_token_ids if 0 <= t < vocab_size]
         self._seed = seed
+        self.grammars = grammars  # masks the rows of sequences with structured output
         self._shared: dict[torch.device, torch.Generator] = {}  # sampler-wide generator per device
         self._per_seq: dict[int, torch.Generator] = {}  # by seq_id, for seqs with params.seed
 
@@ -92,6 +95,12 @@ class Sampler:
             logits[_long(rows, logits), _long(cols, logits)] = float("-inf")
         self._repetition_penalty(logits, seqs)
         self._presence_frequency_penalty(logits, seqs)
+        # Last, so that no bias or penalty can bring back a token that the grammar forbids.
+        states = [(i, s.grammar) for i, s in enumerate(seqs) if s.grammar is not None]
+        if states:
+            if self.grammars is None:
+                raise ValueError("this sampler has no grammar compiler for structured output")
+            self.grammars.apply_masks(logits, states)
 
     def _check_tokens(self, token_ids: list[int]) -> None:
         # An out-of-range index would be a device-side assert on CUDA; fail here with a readable error.

@@ -4,6 +4,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the output: a JSON schema, a regex, a JSON list of choices or a Lark/GBNF grammar."""
+
+    kind: str
+    value: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {', '.join(STRUCTURED_KINDS)}, "
+                             f"got {self.kind!r}")
+        if not self.value:
+            raise ValueError(f"the structured output {self.kind} must not be empty")
+
+    def describe(self) -> str:
+        names = {"json": "JSON schema", "regex": "regex", "choice": "choice list", "grammar": "grammar"}
+        return names[self.kind]
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -26,6 +47,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus k alternatives
     include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None  # the grammar every sampled token must follow
 
     def __post_init__(self) -> None:
         if self.top_k == -1:
@@ -67,6 +89,9 @@ class SamplingParams:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.structured is not None and self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with structured output (the grammar decides "
+                             "where the output ends)")
         if len(self.stop) > 16:
             raise ValueError(f"at most 16 stop strings are allowed, got {len(self.stop)}")
 

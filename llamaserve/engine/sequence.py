@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llamaserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from llamaserve.engine.structured import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -36,6 +40,7 @@ class Sequence:
     num_hashed_blocks: int = 0  # leading blocks of block_table already registered in the prefix cache
     finish_reason: str | None = None
     num_preemptions: int = 0
+    grammar: GrammarState | None = None  # with structured output: where the output is in its grammar
 
     @property
     def num_tokens(self) -> int:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,12 +14,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llamaserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStats
-from llamaserve.server import routes
+from llamaserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStats, QueueFull
 from llamaserve.server.auth import BodyTooLarge, GuardMiddleware
-from llamaserve.server.completions import Run
 from llamaserve.server.metrics import Metrics
 from llamaserve.server.protocol import error_body
+from llamaserve.server.routes import router
 from llamaserve.server.settings import ServerSettings
 
 access_log = logging.getLogger("llamaserve.access")
@@ -47,13 +44,9 @@ class AppState:
     engine: AsyncEngine | None = None  # None while the model loads
     model_name: str = ""
     draining: bool = False
-    avg_completion_tokens: float = 128.0
-    admitted: weakref.WeakSet[Run] = field(default_factory=weakref.WeakSet)  # a run leaves when collected
 
-    def stats(self) -> tuple[EngineStats, int]:
-        if self.engine is None:
-            return EngineStats(0, 0, 0, 0.0, 0, 0, 0.0), 0
-        return self.engine.stats, self.engine.num_waiting_requests
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0, 0.0, 0, 0, 0.0) if self.engine is None else self.engine.stats
 
     def ready_engine(self) -> AsyncEngine:
         """The engine, or a 503 while loading, draining or after a failure."""
@@ -65,23 +58,6 @@ class AppState:
             raise APIError(503, self.engine.error or "the engine is not running", "service_unavailable",
                            code="engine_failed")
         return self.engine
-
-    def admit(self, run: Run) -> None:
-        """Check the queue bound before a generation starts; 429 with Retry-After past it."""
-        engine = self.ready_engine()
-        # Runs admitted a moment ago may not have reached the engine yet: they wait too.
-        waiting = engine.num_waiting_requests + sum(r.unstarted for r in self.admitted)
-        # Free running slots take waiting requests at the next step: only the rest really queue.
-        free = max(0, engine.engine.config.max_num_seqs - engine.stats.num_running_requests)
-        if waiting + 1 - free > self.settings.max_queue:
-            self.metrics.rejected.inc()
-            rate = engine.stats.tokens_per_second
-            wait = (waiting + 1) * self.avg_completion_tokens / rate if rate > 0 else 1.0
-            retry = str(min(60, max(1, math.ceil(wait))))
-            raise APIError(429, f"the server is at capacity: {waiting} requests are already waiting "
-                           f"(--max-queue {self.settings.max_queue}); retry after {retry} s",
-                           "rate_limit_error", code="queue_full", headers={"Retry-After": retry})
-        self.admitted.add(run)
 
     def check_model(self, model: str | None) -> None:
         if model and model != self.model_name:
@@ -104,14 +80,22 @@ def _install_error_handlers(app: FastAPI) -> None:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
-        msg = first.get("msg", "invalid request")
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
             msg = "request body is not valid JSON"
+        elif first.get("type") == "extra_forbidden":
+            msg = "unrecognized request field (this server refuses fields it would otherwise ignore)"
         return _error(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param)
 
     @app.exception_handler(ValueError)
     async def bad_value(_: Request, e: ValueError) -> JSONResponse:
         return _error(400, str(e), "invalid_request_error")
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, e: QueueFull) -> JSONResponse:
+        request.app.state.llamaserve.metrics.rejected.inc()
+        return _error(429, str(e), "rate_limit_error", code="queue_full",
+                      headers={"Retry-After": str(e.retry_after)})
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, _: BodyTooLarge) -> JSONResponse:
@@ -194,16 +178,15 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name:
             state.ready_engine()
         except APIError as e:
             return JSONResponse({"status": e.code}, status_code=503)
-        engine = state.engine.engine  # type: ignore[union-attr]  # (ready_engine checked it)
-        in_use = engine.num_blocks - engine.block_manager.num_free_blocks
-        kv = engine.kv_plan.as_dict() | {"blocks_in_use": in_use}
-        return JSONResponse({"status": "ok", "max_model_len": engine.max_model_len, "kv_cache": kv})
+        engine = state.ready_engine()
+        return JSONResponse({"status": "ok", "max_model_len": engine.max_model_len,
+                             "kv_cache": engine.kv_cache})
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    routes.install(app, state)
+    app.include_router(router)
     return app
 
 

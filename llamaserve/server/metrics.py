@@ -17,15 +17,15 @@ _TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
 class _EngineCollector(Collector):
     """Gauges and engine-lifetime counters read from the engine at scrape time."""
 
-    def __init__(self, stats: Callable[[], tuple[EngineStats, int]]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator:
-        s, waiting = self._stats()
+        s = self._stats()
         yield GaugeMetricFamily("llamaserve_num_requests_running", "Sequences in the running batch",
                                 value=s.num_running)
-        yield GaugeMetricFamily("llamaserve_num_requests_waiting", "Requests waiting to be scheduled",
-                                value=waiting)
+        yield GaugeMetricFamily("llamaserve_num_requests_waiting", "Sequences waiting to be scheduled",
+                                value=s.num_waiting)
         yield GaugeMetricFamily("llamaserve_kv_cache_usage_perc", "Fraction of KV-cache blocks in use",
                                 value=s.kv_cache_usage)
         yield CounterMetricFamily("llamaserve_prefix_cache_queries", "Prompt tokens looked up in the "
@@ -37,7 +37,7 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], tuple[EngineStats, int]]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.registry.register(_EngineCollector(stats))

@@ -1,17 +1,25 @@
-"""Pydantic models of the OpenAI API subset we serve, plus /predict, /tokenize and /detokenize."""
+"""Pydantic models of what the routes take and return: OpenAI's chat and completions, /predict, tokenizing."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
-from llamaserve.engine.sampling_params import SamplingParams
+from llamaserve.engine.sampling_params import SamplingParams, StructuredOutput
 
 
-class _Lenient(BaseModel):
-    # Clients send fields we do not use (tools, response_format, ...): ignore them like OpenAI does.
-    model_config = ConfigDict(extra="ignore")
+class _Request(BaseModel):
+    # A field we do not know is refused (400 naming it), never quietly ignored.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -37,11 +45,30 @@ def _check_text(value: Any) -> None:
             _check_text(item)
 
 
-class StreamOptions(_Lenient):
+def _refuse(request: BaseModel, fields: dict[str, tuple[Any, ...]]) -> None:
+    """400 for an OpenAI field we do not honour, unless it holds one of the values that change nothing."""
+    for name, harmless in fields.items():
+        value = getattr(request, name)
+        if value is not None and value not in harmless:
+            raise ValueError(f"'{name}' is not supported by this server")
+
+
+class StreamOptions(_Request):
     include_usage: bool = False
+    include_obfuscation: Literal[False] | None = None
 
 
-class _Sampling(_Lenient):
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` (exactly one of its fields)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class _Sampling(_Request):
     """Fields shared by chat, completions and /predict; None means 'the default'."""
 
     n: int = 1
@@ -53,7 +80,7 @@ class _Sampling(_Lenient):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # an end-user id: accepted, and nothing to honour here
     # vLLM's extras, which many clients already send
     top_k: int | None = None
     min_p: float | None = None
@@ -61,8 +88,30 @@ class _Sampling(_Lenient):
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names for structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        """The output constraint asked for through vLLM's fields (at most one)."""
+        s = self.structured_outputs or StructuredOutputs()
+        found = [("json", s.json_), ("regex", s.regex), ("choice", s.choice), ("grammar", s.grammar),
+                 ("json", {"type": "object"} if s.json_object else None), ("json", self.guided_json),
+                 ("regex", self.guided_regex), ("choice", self.guided_choice),
+                 ("grammar", self.guided_grammar)]
+        given = [(kind, value) for kind, value in found if value is not None]
+        if len(given) > 1:
+            raise ValueError("give one structured output constraint, not several")
+        if not given:
+            return None
+        kind, value = given[0]
+        return StructuredOutput(kind, value if isinstance(value, str) and kind != "choice" else
+                                json.dumps(value))
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        structured: StructuredOutput | None = None,
                         default_temperature: float = 1.0) -> SamplingParams:
         """Map onto SamplingParams (which raises ValueError with a message for bad values)."""
         bias: dict[int, float] = {}
@@ -88,18 +137,37 @@ class _Sampling(_Lenient):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            structured=structured or self.structured(),
         )
 
 
-class ContentPart(_Lenient):
+# -- chat: messages, tools, response formats ------------------------------------------------------
+class ContentPart(_Request):
     type: str
     text: str | None = None
 
 
-class ChatMessage(_Lenient):
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # which call a tool message answers
+    refusal: str | None = None  # an SDK's assistant message sent back as history carries these
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -112,6 +180,48 @@ class ChatMessage(_Lenient):
         return "".join(parts)
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # arguments always follow the schema here: strict or not
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Request):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the grammar enforces the schema either way
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput("json", '{"type": "object"}')
+        if self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a 'json_schema' object")
+        return StructuredOutput("json", json.dumps(self.json_schema.schema_ or {"type": "object"}))
+
+
 class ChatCompletionRequest(_Sampling):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -120,6 +230,31 @@ class ChatCompletionRequest(_Sampling):
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # OpenAI's, accepted where their value changes nothing here, refused otherwise
+    store: bool | None = None
+    metadata: dict[str, str] | None = None  # OpenAI keeps it only with store: nothing to keep here
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    functions: Any = None
+    function_call: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+
+    @model_validator(mode="after")
+    def _honoured_only(self) -> ChatCompletionRequest:
+        _refuse(self, {"store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],),
+                       "audio": (), "prediction": (), "web_search_options": (), "functions": (),
+                       "function_call": (), "reasoning_effort": (), "verbosity": ()})
+        return self
 
 
 class CompletionRequest(_Sampling):
@@ -131,6 +266,12 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _honoured_only(self) -> CompletionRequest:
+        _refuse(self, {"suffix": ("",), "best_of": (1,)})
+        return self
 
 
 class PredictRequest(_Sampling):
@@ -141,16 +282,19 @@ class PredictRequest(_Sampling):
     max_tokens: int | None = Field(default=256, ge=1)
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(_Request):
+    model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(_Request):
+    model: str | None = None
     tokens: list[int]
 
 
+# -- responses ------------------------------------------------------------------------------------
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -161,6 +305,92 @@ class Usage(BaseModel):
 def usage(prompt: int, completion: int, cached: int = 0) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  prompt_tokens_details={"cached_tokens": cached})
+
+
+class _Response(BaseModel):
+    id: str
+    created: int
+    model: str
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: dict[str, Any] | None
+    finish_reason: str | None
+    stop_reason: str | int | None = None
+
+
+class ChatCompletion(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class _Sparse(BaseModel):
+    """Serialized without its None fields, as OpenAI's stream deltas are."""
+
+    @model_serializer(mode="wrap")
+    def _without_none(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Sparse):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class ChatDelta(_Sparse):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+
+class Completion(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class PredictResponse(BaseModel):
+    id: str
+    response: str
+    finish_reason: str | None
+    usage: Usage
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict[str, Any]:

@@ -6,192 +6,229 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from llamaserve.engine.outputs import TokenLogprob
-from llamaserve.server.completions import (
+from llamaserve.engine.async_engine import AsyncEngine, RequestStream
+from llamaserve.engine.sampling_params import SamplingParams
+from llamaserve.server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatResponseMessage,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    DetokenizeRequest,
+    FunctionCall,
+    PredictRequest,
+    PredictResponse,
+    TokenizeRequest,
+    ToolCall,
+    Usage,
+)
+from llamaserve.server.serving import (
     SSE_DONE,
     Choice,
     ClientDisconnected,
-    Run,
-    account,
+    chat_logprobs,
+    choice_deltas,
     collect,
+    completion_logprobs,
     new_id,
+    record,
     sse,
     sse_error,
-    stream_outputs,
+    unless_disconnected,
 )
-from llamaserve.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    PredictRequest,
-    TokenizeRequest,
-    usage,
-)
+from llamaserve.server.tools import ToolCallParser, ToolPlan, chat_messages, plan_tools
 
 if TYPE_CHECKING:
     from llamaserve.server.app import AppState
 
-
-def _messages(req: ChatCompletionRequest | TokenizeRequest) -> list[dict[str, str]]:
-    out = []
-    for m in req.messages or []:
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": m.text()} | ({"name": m.name} if m.name else {}))
-    return out
+router = APIRouter()
 
 
-def _token_text(tokenizer: Any, token: int) -> str:
-    return tokenizer.decode([token], skip_special_tokens=False)
+def _state(request: Request) -> AppState:
+    return request.app.state.llamaserve  # type: ignore[no-any-return]
 
 
-def _chat_logprobs(tokenizer: Any, lps: list[TokenLogprob]) -> dict[str, Any]:
-    def entry(token: int, lp: float) -> dict[str, Any]:
-        text = _token_text(tokenizer, token)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-    return {"content": [entry(x.token_id, x.logprob) | {"top_logprobs": [entry(t, v) for t, v in x.top]}
-                        for x in lps]}
+async def _start(request: Request, prompts: list[list[int]], params: SamplingParams) -> RequestStream:
+    """Admit the request into the engine: every client error and the 429 surface here, before a 200."""
+    state = _state(request)
+    return await state.ready_engine().generate(prompts, params, state.settings.max_queue)
 
 
-def _completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], offset: int) -> dict[str, Any]:
-    tokens = [_token_text(tokenizer, x.token_id) for x in lps]
-    offsets = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
-            "top_logprobs": [{_token_text(tokenizer, t): v for t, v in x.top} for x in lps],
-            "text_offset": offsets}
+async def _collect(request: Request, stream: RequestStream, n: int, num_prompts: int) -> list[Choice]:
+    try:
+        return await unless_disconnected(request, collect(stream, n, num_prompts))
+    except ClientDisconnected:
+        return []
 
 
-def _record(request: Request, state: AppState, rid: str, run: Run) -> None:
-    request.state.run_info = {"id": rid, "prompt_tokens": run.prompt_tokens,
-                              "completion_tokens": run.completion_tokens,
-                              "ttft": None if run.ttft is None else round(run.ttft, 4)}
-    state.metrics.observe_request(run.ttft, time.monotonic() - run.started, run.prompt_tokens,
-                                  run.completion_tokens)
-    if run.completion_tokens:
-        per_request = run.completion_tokens / max(1, len(run.prompts))
-        state.avg_completion_tokens = 0.9 * state.avg_completion_tokens + 0.1 * per_request
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+                                         "owned_by": "llamaserve",
+                                         "max_model_len": state.ready_engine().max_model_len}]}
 
 
-def install(app: FastAPI, state: AppState) -> None:
-    def tokenizer() -> Any:
-        return state.ready_engine().engine.tokenizer
-
-    def prepare(prompts: list[list[int]], params: Any) -> Run:
-        engine = state.ready_engine()
-        for p in prompts:  # every client error surfaces here, before a 200 or a stream starts
-            engine.engine.check_request(p, params)
-        run = Run(prompts, params)
-        state.admit(run)  # the run counts as waiting from here until its requests reach the engine
-        return run
-
-    async def generate(request: Request, run: Run) -> list[Choice]:
-        try:
-            return await collect(state.engine, run, request)
-        except ClientDisconnected:
-            return []
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        engine = state.ready_engine()
-        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
-                                             "owned_by": "llamaserve",
-                                             "max_model_len": engine.engine.max_model_len}]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> dict[str, Any]:
-        state.check_model(model_id)
-        return (await models())["data"][0]
-
-    @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
-        tok = tokenizer()
-        if req.messages is not None:
-            ids = tok.encode_chat(_messages(req))
-        elif req.prompt is not None:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        else:
-            raise ValueError("give 'prompt' or 'messages'")
-        return {"tokens": ids, "count": len(ids), "max_model_len": state.ready_engine().engine.max_model_len}
-
-    @app.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
-        tok = tokenizer()
-        if any(not 0 <= t < tok.vocab_size for t in req.tokens):
-            raise ValueError(f"token ids must be in 0..{tok.vocab_size - 1}")
-        return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}
-
-    @app.post("/predict")
-    async def predict(req: PredictRequest, request: Request) -> dict[str, Any]:
-        text = req.prompt if req.prompt is not None else req.query
-        if not text:
-            raise ValueError("give a non-empty 'prompt' (or 'query')")
-        tok = tokenizer()
-        if req.raw or tok.chat_template is None:
-            ids = tok.encode(text)
-        else:
-            system = [{"role": "system", "content": req.system}] if req.system else []
-            ids = tok.encode_chat(system + [{"role": "user", "content": text}])
-        run = prepare([ids], req.sampling_params(req.max_tokens, None, default_temperature=0.0))
-        rid = new_id("predict")
-        choices = await generate(request, run)
-        _record(request, state, rid, run)
-        c = choices[0] if choices else Choice(0, finish_reason="abort")
-        return {"id": rid, "response": c.text, "finish_reason": c.finish_reason,
-                "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens).model_dump()}
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
-        state.check_model(req.model)
-        ids = tokenizer().encode_chat(_messages(req))
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        run = prepare([ids], req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs))
-        rid, created = new_id("chatcmpl"), int(time.time())
-        head = {"id": rid, "created": created, "model": state.model_name}
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_chat_stream(state, request, run, head, include_usage),
-                                     media_type="text/event-stream")
-        choices = await generate(request, run)
-        _record(request, state, rid, run)
-        tok = tokenizer()
-        return head | {"object": "chat.completion", "choices": [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": _chat_logprobs(tok, c.logprobs) if logprobs is not None else None,
-             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in choices],
-            "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens).model_dump()}
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest, request: Request) -> Any:
-        state.check_model(req.model)
-        if req.suffix:
-            raise ValueError("suffix is not supported")
-        prompts = _completion_prompts(tokenizer(), req.prompt)
-        run = prepare(prompts, req.sampling_params(req.max_tokens, req.logprobs))
-        rid, created = new_id("cmpl"), int(time.time())
-        head = {"id": rid, "created": created, "model": state.model_name}
-        echo = [tokenizer().decode(p) if req.echo else "" for p in prompts]
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_completion_stream(state, request, run, head, include_usage, echo),
-                                     media_type="text/event-stream")
-        choices = await generate(request, run)
-        _record(request, state, rid, run)
-        tok, n = tokenizer(), run.params.n
-        return head | {"object": "text_completion", "choices": [
-            {"index": c.index, "text": echo[c.index // n] + c.text, "finish_reason": c.finish_reason,
-             "stop_reason": c.stop_reason,
-             "logprobs": _completion_logprobs(tok, c.logprobs, len(echo[c.index // n]))
-             if req.logprobs is not None else None} for c in choices],
-            "usage": usage(run.prompt_tokens, run.completion_tokens, run.cached_tokens).model_dump()}
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> dict[str, Any]:
+    _state(request).check_model(model_id)
+    return (await models(request))["data"][0]  # type: ignore[no-any-return]
 
 
-def _completion_prompts(tok: Any, prompt: Any) -> list[list[int]]:
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request) -> dict[str, Any]:
+    engine = _state(request).ready_engine()
+    tok = engine.tokenizer
+    if req.messages is not None:
+        ids = tok.encode_chat(chat_messages(ChatCompletionRequest(messages=req.messages), None,
+                                            tok.chat_template))
+    elif req.prompt is not None:
+        ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    else:
+        raise ValueError("give 'prompt' or 'messages'")
+    return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    tok = _state(request).ready_engine().tokenizer
+    if any(not 0 <= t < tok.vocab_size for t in req.tokens):
+        raise ValueError(f"token ids must be in 0..{tok.vocab_size - 1}")
+    return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}
+
+
+@router.post("/predict")
+async def predict(req: PredictRequest, request: Request) -> PredictResponse:
+    text = req.prompt if req.prompt is not None else req.query
+    if not text:
+        raise ValueError("give a non-empty 'prompt' (or 'query')")
+    tok = _state(request).ready_engine().tokenizer
+    if req.raw or tok.chat_template is None:
+        ids = tok.encode(text)
+    else:
+        system = [{"role": "system", "content": req.system}] if req.system else []
+        ids = tok.encode_chat(system + [{"role": "user", "content": text}])
+    stream = await _start(request, [ids], req.sampling_params(req.max_tokens, None, default_temperature=0.0))
+    rid = new_id("predict")
+    choices = await _collect(request, stream, 1, 1)
+    c = choices[0] if choices else Choice(0, finish_reason="abort")
+    return PredictResponse(id=rid, response=c.text, finish_reason=c.finish_reason,
+                           usage=record(request, _state(request), rid, stream))
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat(req: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
+    state = _state(request)
+    state.check_model(req.model)
+    engine = state.ready_engine()
+    template = engine.tokenizer.chat_template
+    plan = plan_tools(req, template)
+    ids = engine.tokenizer.encode_chat(chat_messages(req, plan, template),
+                                       tools=plan.tools if plan and plan.native else None)
+    structured = plan.grammar() if plan else req.response_format.structured() if req.response_format else None
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs, structured)
+    stream = await _start(request, [ids], params)
+    rid, created = new_id("chatcmpl"), int(time.time())
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_chat_stream(request, engine, stream, params.n, plan, rid, created,
+                                              include_usage), media_type="text/event-stream")
+    choices = await _collect(request, stream, params.n, 1)
+    return ChatCompletion(id=rid, created=created, model=state.model_name,
+                          choices=[_chat_choice(engine, c, plan, logprobs is not None) for c in choices],
+                          usage=record(request, state, rid, stream))
+
+
+def _chat_choice(engine: AsyncEngine, c: Choice, plan: ToolPlan | None, logprobs: bool) -> ChatChoice:
+    content: str | None = c.text
+    calls: list[ToolCall] | None = None
+    if plan is not None:
+        parser = ToolCallParser(plan.native)
+        text, deltas = parser.feed(c.text)
+        if parser.num_calls:
+            calls = [ToolCall(id="", function=FunctionCall(name="", arguments=""))
+                     for _ in range(parser.num_calls)]
+            for d in deltas:
+                call = calls[d.index]
+                call.id = d.id or call.id
+                call.function.name = d.function.name or call.function.name
+                call.function.arguments += d.function.arguments or ""
+            content = None
+    return ChatChoice(index=c.index, message=ChatResponseMessage(content=content, tool_calls=calls),
+                      logprobs=chat_logprobs(engine.tokenizer, c.logprobs) if logprobs else None,
+                      finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,
+                      stop_reason=c.stop_reason)
+
+
+async def _chat_stream(request: Request, engine: AsyncEngine, stream: RequestStream, n: int,
+                       plan: ToolPlan | None, rid: str, created: int,
+                       include_usage: bool) -> AsyncIterator[bytes]:
+    state = _state(request)
+    parsers = {i: ToolCallParser(plan.native) for i in range(n)} if plan else {}
+
+    def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
+        return sse(ChatCompletionChunk(id=rid, created=created, model=state.model_name, choices=choices,
+                                       usage=usage))
+
+    for i in range(n):
+        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""), logprobs=None,
+                                     finish_reason=None)])
+    try:
+        async for d in choice_deltas(stream, n):
+            delta = ChatDelta(content=d.text) if d.text else ChatDelta()
+            reason = d.finish_reason
+            if d.index in parsers:
+                content, calls = parsers[d.index].feed(d.text)
+                delta = ChatDelta(content=content or None, tool_calls=calls or None)
+                if reason == "stop" and parsers[d.index].num_calls:
+                    reason = "tool_calls"
+                if not (content or calls or reason or d.logprobs):
+                    continue  # the calls' JSON around a call: nothing for the client yet
+            lp = chat_logprobs(engine.tokenizer, d.logprobs) if d.logprobs else None
+            yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=lp, finish_reason=reason)])
+    except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
+        yield sse_error(e)
+    totals = record(request, state, rid, stream)
+    if include_usage:
+        yield chunk([], totals)
+    yield SSE_DONE
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(req: CompletionRequest, request: Request) -> Completion | StreamingResponse:
+    state = _state(request)
+    state.check_model(req.model)
+    engine = state.ready_engine()
+    prompts = _completion_prompts(engine, req.prompt)
+    params = req.sampling_params(req.max_tokens, req.logprobs)
+    stream = await _start(request, prompts, params)
+    rid, created = new_id("cmpl"), int(time.time())
+    echo = [engine.tokenizer.decode(p) if req.echo else "" for p in prompts]
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_completion_stream(request, engine, stream, params.n, echo, rid, created,
+                                                    include_usage), media_type="text/event-stream")
+    choices = await _collect(request, stream, params.n, len(prompts))
+    n = params.n
+    return Completion(id=rid, created=created, model=state.model_name, choices=[
+        CompletionChoice(index=c.index, text=echo[c.index // n] + c.text, finish_reason=c.finish_reason,
+                         stop_reason=c.stop_reason,
+                         logprobs=completion_logprobs(engine.tokenizer, c.logprobs, len(echo[c.index // n]))
+                         if req.logprobs is not None else None) for c in choices],
+        usage=record(request, state, rid, stream))
+
+
+def _completion_prompts(engine: AsyncEngine, prompt: Any) -> list[list[int]]:
+    tok = engine.tokenizer
     if isinstance(prompt, str):
         return [tok.encode(prompt)]
     if not prompt:
@@ -203,59 +240,28 @@ def _completion_prompts(tok: Any, prompt: Any) -> list[list[int]]:
     return [list(p) for p in prompt]
 
 
-def _closing_chunks(state: AppState, request: Request, run: Run, base: dict[str, Any],
-                    final: dict[int, Any], include_usage: bool) -> list[bytes]:
-    """After the last delta: account usage, record metrics and the access log, then usage and [DONE]."""
-    account(run, final.values())
-    _record(request, state, base["id"], run)
-    chunks = []
+async def _completion_stream(request: Request, engine: AsyncEngine, stream: RequestStream, n: int,
+                             echo: list[str], rid: str, created: int,
+                             include_usage: bool) -> AsyncIterator[bytes]:
+    state = _state(request)
+    offsets: dict[int, int] = {}
+
+    def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
+        return sse(Completion(id=rid, created=created, model=state.model_name, choices=choices, usage=usage))
+
+    try:
+        async for d in choice_deltas(stream, n):
+            text = d.text
+            if d.index not in offsets:
+                text = echo[d.index // n] + text
+                offsets[d.index] = 0
+            lp = completion_logprobs(engine.tokenizer, d.logprobs, offsets[d.index]) if d.logprobs else None
+            offsets[d.index] += len(text)
+            yield chunk([CompletionChoice(index=d.index, text=text, logprobs=lp,
+                                          finish_reason=d.finish_reason)])
+    except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
+        yield sse_error(e)
+    totals = record(request, state, rid, stream)
     if include_usage:
-        chunks.append(sse(base | {"choices": [], "usage": usage(
-            run.prompt_tokens, run.completion_tokens, run.cached_tokens).model_dump()}))
-    return chunks + [SSE_DONE]
-
-
-async def _chat_stream(state: AppState, request: Request, run: Run, head: dict[str, Any],
-                       include_usage: bool) -> AsyncIterator[bytes]:
-    base = head | {"object": "chat.completion.chunk"}
-    tok = state.engine.engine.tokenizer  # type: ignore[union-attr]
-    for i in range(run.params.n):
-        yield sse(base | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                       "logprobs": None, "finish_reason": None}]})
-    final = {}
-    try:
-        async for i, out in stream_outputs(state.engine, run):
-            final[i] = out
-            for c in out.outputs:
-                lp = _chat_logprobs(tok, c.logprobs) if c.logprobs else None
-                yield sse(base | {"choices": [{"index": c.index, "delta": {"content": c.text} if c.text
-                                               else {}, "logprobs": lp, "finish_reason": c.finish_reason}]})
-    except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
-        yield sse_error(e)
-    for chunk in _closing_chunks(state, request, run, base, final, include_usage):
-        yield chunk
-
-
-async def _completion_stream(state: AppState, request: Request, run: Run, head: dict[str, Any],
-                             include_usage: bool, echo: list[str]) -> AsyncIterator[bytes]:
-    base = head | {"object": "text_completion"}
-    tok, n = state.engine.engine.tokenizer, run.params.n  # type: ignore[union-attr]
-    offsets = {}
-    final = {}
-    try:
-        async for i, out in stream_outputs(state.engine, run):
-            final[i] = out
-            for c in out.outputs:
-                index = i * n + c.index
-                text = c.text
-                if index not in offsets:
-                    text = echo[i] + text
-                    offsets[index] = 0
-                lp = _completion_logprobs(tok, c.logprobs, offsets[index]) if c.logprobs else None
-                offsets[index] += len(text)
-                yield sse(base | {"choices": [{"index": index, "text": text, "logprobs": lp,
-                                               "finish_reason": c.finish_reason}]})
-    except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
-        yield sse_error(e)
-    for chunk in _closing_chunks(state, request, run, base, final, include_usage):
-        yield chunk
+        yield chunk([], totals)
+    yield SSE_DONE

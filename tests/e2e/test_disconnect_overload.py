@@ -23,12 +23,11 @@ def running(client: httpx.Client) -> float:
 
 def wait_idle(server: Live, client: httpx.Client, timeout: float = 5.0) -> None:
     """Until nothing runs and every KV block is free again."""
-    blocks = server.engine.engine.block_manager
     deadline = time.monotonic() + timeout
-    while running(client) or server.engine.num_in_flight or blocks.num_free_blocks != blocks.num_blocks:
+    while running(client) or server.engine.num_in_flight or server.engine.stats.blocks_in_use:
         assert time.monotonic() < deadline, (
             f"not idle after {timeout} s: {running(client)} running, {server.engine.num_in_flight} in "
-            f"flight, {blocks.num_free_blocks}/{blocks.num_blocks} blocks free")
+            f"flight, {server.engine.stats.blocks_in_use} blocks in use")
         time.sleep(0.05)
 
 

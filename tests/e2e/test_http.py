@@ -92,9 +92,18 @@ def test_health_is_open_but_models_are_not(server: Live) -> None:
     assert_error(httpx.get(f"{server.url}/v1/models"), 401)
 
 
+def _flat(routes: list) -> list:
+    """The app's routes, with those of included routers (FastAPI keeps them behind a wrapper)."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out += _flat(inner.routes) if inner is not None else [route]
+    return out
+
+
 def _api_routes(server: Live) -> list[tuple[str, str]]:
     routes = []
-    for route in server.app.routes:
+    for route in _flat(server.app.routes):
         if not isinstance(route, APIRoute) or route.path == "/health" or route.path in DOC_PATHS:
             continue
         path = route.path.replace("{model_id:path}", MODEL)
@@ -195,7 +204,8 @@ def test_metrics(client: httpx.Client) -> None:
                      re.M)
 
 
-def test_health_and_routes_503_until_the_engine_is_attached(engine: AsyncEngine) -> None:
+def test_health_and_routes_503_until_the_engine_is_attached(engine: AsyncEngine,
+                                                            llm_engine: LLMEngine) -> None:
     app = create_app(None, ServerSettings(api_keys=(KEY,)))
     client = TestClient(app, headers={"Authorization": f"Bearer {KEY}"})
     health = client.get("/health")
@@ -206,7 +216,7 @@ def test_health_and_routes_503_until_the_engine_is_attached(engine: AsyncEngine)
     attach_engine(app, engine, MODEL)
     health = client.get("/health")
     assert health.status_code == 200
-    kv, llm = health.json()["kv_cache"], engine.engine
+    kv, llm = health.json()["kv_cache"], llm_engine  # the engine thread's LLMEngine
     assert health.json()["status"] == "ok" and health.json()["max_model_len"] == llm.max_model_len
     assert kv["tokens"] == llm.num_blocks * 16 == kv["blocks"] * kv["block_size"]
     assert kv["dtype"] == llm.kv_plan.dtype_name and llm.kv_plan.dtype == llm.runner.cache.dtype

@@ -1,0 +1,142 @@
+"""Structured output on llguidance: grammars compiled once per spec, token masks per sequence per step."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import llguidance
+import llguidance.hf
+import torch
+from llguidance.gbnf_to_lark import any_to_lark
+
+from llamaserve.engine.sampling_params import StructuredOutput
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+# Compact JSON (no free whitespace): a small model given a choice of whitespace can loop on it forever.
+JSON_OPTIONS = cast("JsonCompileOptions", {"whitespace_flexible": False})
+_CACHE_SIZE = 128  # compiled grammars kept, least recently used dropped first
+_BITS = torch.arange(32, dtype=torch.int32)  # bit k of a mask word is token 32 * word + k
+
+
+def grammar_text(spec: StructuredOutput) -> str:
+    """The llguidance grammar for a spec; ValueError for a spec that is not even well formed."""
+    kind, value = spec.kind, spec.value
+    if kind == "json":
+        try:
+            schema = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+        if not isinstance(schema, dict | bool):
+            raise ValueError("a JSON schema must be an object (or true/false)")
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(value)
+    if kind == "choice":
+        try:
+            choices = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the choice list is not valid JSON: {e}") from None
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise ValueError("the choice list must be a non-empty JSON list of strings")
+        return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+    try:  # Lark as it is; GBNF (llama.cpp's and xgrammar's EBNF, "root ::= ...") converted to Lark
+        return llguidance.LLMatcher.grammar_from_lark(any_to_lark(value))
+    except Exception as e:  # the GBNF converter raises its own exception types for syntax errors
+        raise ValueError(f"the grammar does not parse: {e}") from None
+
+
+@dataclass(slots=True)
+class Grammar:
+    """A compiled grammar: the pristine matcher that each sequence copies."""
+
+    matcher: llguidance.LLMatcher
+
+    def start(self) -> GrammarState:
+        return GrammarState(self.matcher.deep_copy())
+
+
+@dataclass(slots=True)
+class GrammarState:
+    """One sequence's position in its grammar."""
+
+    matcher: llguidance.LLMatcher
+
+    def accept(self, token: int) -> bool:
+        return bool(self.matcher.consume_token(token))
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and allows nothing more (EOS at most)."""
+        return bool(self.matcher.is_stopped())
+
+    @property
+    def error(self) -> str:
+        return str(self.matcher.get_error())
+
+
+class GrammarCompiler:
+    """Builds llguidance's view of the tokenizer once (about a second) and caches compiled grammars.
+
+    Thread-safe: the server compiles on worker threads, off the event loop and off the engine thread.
+    """
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> None:
+        self._hf = hf_tokenizer
+        self._vocab_size = vocab_size
+        self._eos = list(eos_token_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._cache: OrderedDict[StructuredOutput, Grammar] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor: llguidance.LLExecutor | None = None
+
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab_size,
+                                                               eos_token=self._eos)
+            return self._tokenizer
+
+    def compile(self, spec: StructuredOutput) -> Grammar:
+        """The grammar of `spec`, from the cache or compiled now; ValueError saying why it cannot be."""
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+                return hit
+        matcher = llguidance.LLMatcher(self.tokenizer, grammar_text(spec), log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"the {spec.describe()} cannot be compiled: {matcher.get_error()}")
+        grammar = Grammar(matcher)
+        with self._lock:
+            self._cache[spec] = grammar
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def apply_masks(self, logits: torch.Tensor, states: list[tuple[int, GrammarState]]) -> None:
+        """Set to -inf, in place, every token that row r's grammar forbids; logits: [B, V] float32."""
+        vocab = self.tokenizer.vocab_size
+        words = (vocab + 31) // 32
+        masks = torch.zeros(len(states), words, dtype=torch.int32)  # [R, W] bit set = allowed
+        if len(states) == 1:
+            m = masks[0]
+            states[0][1].matcher.unsafe_compute_mask_ptr(m.data_ptr(), m.numel() * 4)
+        else:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            pairs = [(s.matcher, k) for k, (_, s) in enumerate(states)]
+            self._executor.unsafe_compute_mask_ptr(pairs, masks.data_ptr(), words * 4, len(states))
+        allowed = ((masks[:, :, None] >> _BITS) & 1).view(len(states), words * 32).bool()  # [R, 32W]
+        rows = torch.tensor([r for r, _ in states], dtype=torch.long)
+        width = min(vocab, logits.shape[1])
+        sub = logits[rows]  # [R, V]
+        sub[:, :width].masked_fill_(~allowed[:, :width].to(logits.device), float("-inf"))
+        sub[:, width:] = float("-inf")  # ids the grammar's tokenizer does not know
+        logits[rows] = sub
