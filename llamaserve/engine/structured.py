@@ -24,6 +24,42 @@ _CACHE_SIZE = 128  # compiled grammars kept, least recently used dropped first
 _BITS = torch.arange(32, dtype=torch.int32)  # bit k of a mask word is token 32 * word + k
 
 
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+               "unevaluatedProperties", "additionalItems")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+
+
+def close_objects(schema: Any, close: bool = True) -> Any:
+    """A copy of a JSON schema in which objects that list `properties` and say nothing of other keys
+    allow no other keys (as OpenAI's strict mode requires anyway).
+
+    Without it a small model given an open object tends to invent keys (schema words, mostly) until
+    max_tokens; the output still validates against the original schema. allOf parts stay open, since
+    their properties add up.
+    """
+    if isinstance(schema, list):  # old-style tuple "items"
+        return [close_objects(s, close) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: close_objects(s) for name, s in out[key].items()}
+    for key in _SCHEMA_ONE:
+        if key in out:
+            out[key] = close_objects(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [close_objects(s) for s in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [close_objects(s, close=False) for s in out["allOf"]]
+    open_ended = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
+    if close and "properties" in out and not any(k in out for k in open_ended):
+        out["additionalProperties"] = False
+    return out
+
+
 def grammar_text(spec: StructuredOutput) -> str:
     """The llguidance grammar for a spec; ValueError for a spec that is not even well formed."""
     kind, value = spec.kind, spec.value
@@ -34,7 +70,8 @@ def grammar_text(spec: StructuredOutput) -> str:
             raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, dict | bool):
             raise ValueError("a JSON schema must be an object (or true/false)")
-        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(close_objects(schema)),
+                                                             defaults=JSON_OPTIONS)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(value)
     if kind == "choice":

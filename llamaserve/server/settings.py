@@ -12,7 +12,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
-    max_queue: int = 256  # waiting requests beyond this get 429
+    max_queue: int = 256  # waiting sequences (prompts x n) beyond this get 429
     max_body_bytes: int = 4 * 1024 * 1024
     drain_timeout: float = 30.0
     served_model_name: str = ""
@@ -36,7 +36,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable)")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting sequences before 429")
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
                    help="seconds in-flight requests get to finish after SIGTERM")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llamaserve.engine.sampling_params import StructuredOutput
+from llamaserve.engine.structured import close_objects
 from llamaserve.server.protocol import ChatCompletionRequest, ChatMessage, DeltaFunctionCall, DeltaToolCall
 
 _COMPACT = {"whitespace_flexible": False}
@@ -41,14 +42,15 @@ class ToolPlan:
 
     def grammar(self) -> StructuredOutput:
         names = [t["function"]["name"] for t in self.tools]
-        allowed = names if self.choice in ("auto", "required") else [self.choice]
-        call = {"anyOf": [self._call_schema(name) for name in allowed]}
+        named = self.choice not in ("auto", "required")
+        call = {"anyOf": [self._call_schema(name) for name in ([self.choice] if named else names)]}
+        several = self.parallel and not named  # a named function is called once, as OpenAI does
         if self.native:
             calls = "%json " + json.dumps({"x-guidance": _COMPACT} | call)
-            body = f"call: {calls}\ncalls: call" + (' (";" call)*' if self.parallel else "")
+            body = f"call: {calls}\ncalls: call" + (' (";" call)*' if several else "")
         else:
             array: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
-            if not self.parallel:
+            if not several:
                 array["maxItems"] = 1
             schema = {"x-guidance": _COMPACT, "type": "object", "properties": {"tool_calls": array},
                       "required": ["tool_calls"], "additionalProperties": False}
@@ -58,7 +60,7 @@ class ToolPlan:
 
     def _call_schema(self, name: str) -> dict[str, Any]:
         fn = next(t["function"] for t in self.tools if t["function"]["name"] == name)
-        params = fn.get("parameters") or {"type": "object"}
+        params = close_objects(fn.get("parameters") or {"type": "object"})
         return {"type": "object", "properties": {"name": {"const": name}, self.args_key: params},
                 "required": ["name", self.args_key], "additionalProperties": False}
 

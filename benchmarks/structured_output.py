@@ -1,0 +1,168 @@
+"""Structured output's cost: 16 concurrent chat streams on the embedded model, json_schema vs free text.
+
+    .venv/bin/python benchmarks/structured_output.py [--streams 16] [--rounds 2] [--max-tokens 256]
+
+One server (uvicorn in this process, the engine's defaults as `make serve` has them), the same prompts
+both ways, alternating free text and json_schema rounds so that drift on a noisy machine hits both.
+Throughput is completion tokens over wall time per round. Also the schemas' compile times (first use,
+then cached) and that every JSON output validates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import socket
+import subprocess
+import threading
+import time
+from typing import Any
+
+import jsonschema
+import uvicorn
+from openai import AsyncOpenAI
+
+from llamaserve.config import EngineConfig
+from llamaserve.engine.async_engine import AsyncEngine
+from llamaserve.engine.llm_engine import LLMEngine
+from llamaserve.engine.sampling_params import StructuredOutput
+from llamaserve.server.app import create_app
+from llamaserve.server.settings import ServerSettings
+
+MODEL = "smollm2-135m-instruct"
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"type": "string", "maxLength": 40},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 30}, "minItems": 1,
+                    "maxItems": 4},
+        "employed": {"type": "boolean"},
+        "pets": {"type": "array", "maxItems": 3, "items": {
+            "type": "object", "properties": {"kind": {"enum": ["cat", "dog", "fish", "bird"]},
+                                             "name": {"type": "string", "maxLength": 20}},
+            "required": ["kind", "name"], "additionalProperties": False}},
+        "bio": {"type": "string", "maxLength": 300},
+    },
+    "required": ["name", "age", "city", "hobbies", "employed", "pets", "bio"],
+    "additionalProperties": False,
+}
+TOPICS = ["a baker in Lyon", "a retired pilot", "a student of physics", "a gardener", "a chess player",
+          "a nurse in Oslo", "a painter", "a software engineer", "a fisherman", "a violin teacher",
+          "a marathon runner", "a librarian", "a chef in Rome", "a farmer", "a journalist", "a carpenter"]
+
+
+def _cpu() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            flags = open("/proc/cpuinfo").read()
+            return line.split(":", 1)[1].strip() + (" (AVX-512)" if "avx512f" in flags else " (AVX2)")
+    return platform.processor()
+
+
+async def _round(client: AsyncOpenAI, streams: int, max_tokens: int, structured: bool) -> tuple[float, int, int]:
+    """(seconds, completion tokens, valid JSON outputs) for `streams` concurrent streamed chats."""
+    extra: dict[str, Any] = {}
+    if structured:
+        extra["response_format"] = {"type": "json_schema",
+                                    "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+
+    async def one(i: int) -> tuple[int, bool]:
+        text, tokens = "", 0
+        prompt = f"Describe {TOPICS[i % len(TOPICS)]} as a person: name, age, city, hobbies, pets, a bio."
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+            temperature=0.7, seed=i, stream=True, stream_options={"include_usage": True}, **extra)
+        async for chunk in stream:
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+            for c in chunk.choices:
+                text += c.delta.content or ""
+        valid = False
+        if structured:
+            try:
+                jsonschema.validate(json.loads(text), SCHEMA)
+                valid = True
+            except (json.JSONDecodeError, jsonschema.ValidationError):
+                valid = False
+        return tokens, valid
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(streams)))
+    return time.perf_counter() - start, sum(t for t, _ in results), sum(v for _, v in results)
+
+
+def _compile_times(engine: LLMEngine) -> list[tuple[str, float, float]]:
+    specs = {"person schema (above)": json.dumps(SCHEMA), "json_object": '{"type": "object"}',
+             "100-property object": json.dumps({"type": "object", "properties": {
+                 f"field_{i}": {"type": ["string", "integer", "boolean"]} for i in range(100)},
+                 "required": [f"field_{i}" for i in range(100)]})}
+    engine.grammars.tokenizer  # noqa: B018  (built once per engine: timed separately)
+    out = []
+    for name, value in specs.items():
+        spec = StructuredOutput("json", value)
+        start = time.perf_counter()
+        engine.grammars.compile(spec)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        engine.grammars.compile(spec)
+        out.append((name, first, time.perf_counter() - start))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    args = ap.parse_args()
+    engine = LLMEngine.from_model(None, EngineConfig(max_num_seqs=max(16, args.streams)))
+    start = time.perf_counter()
+    engine.grammars.tokenizer  # noqa: B018
+    tokenizer_s = time.perf_counter() - start
+    compile_rows = _compile_times(engine)
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(async_engine, ServerSettings(), MODEL),
+                                           log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+
+    async def run() -> dict[bool, list[tuple[float, int, int]]]:
+        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
+                             timeout=600)
+        await _round(client, args.streams, 16, False)  # warm-up
+        results: dict[bool, list[tuple[float, int, int]]] = {False: [], True: []}
+        for _ in range(args.rounds):
+            for structured in (False, True):
+                results[structured].append(await _round(client, args.streams, args.max_tokens, structured))
+        return results
+
+    results = asyncio.run(run())
+    server.should_exit = True
+    async_engine.shutdown()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    print(f"CPU: {_cpu()}; commit {commit.strip()}; {args.streams} streams, max_tokens {args.max_tokens}, "
+          f"{args.rounds} rounds each, alternating")
+    rate = {}
+    for structured, rows in results.items():
+        seconds, tokens = sum(r[0] for r in rows), sum(r[1] for r in rows)
+        rate[structured] = tokens / seconds
+        valid = f", {sum(r[2] for r in rows)}/{args.streams * args.rounds} outputs valid" if structured else ""
+        print(f"{'json_schema' if structured else 'free text':11}: {tokens} tokens in {seconds:.1f} s = "
+              f"{rate[structured]:.1f} tokens/s{valid}")
+    print(f"json_schema / free text: {rate[True] / rate[False]:.2f}x")
+    print(f"grammar tokenizer (once per engine): {tokenizer_s * 1000:.0f} ms")
+    for name, first, again in compile_rows:
+        print(f"compile {name}: {first * 1000:.1f} ms first, {again * 1000:.3f} ms cached")
+
+
+if __name__ == "__main__":
+    main()
