@@ -153,7 +153,8 @@ def _chat_choice(engine: AsyncEngine, c: Choice, plan: ToolPlan | None, logprobs
     calls: list[ToolCall] | None = None
     if plan is not None:
         parser = ToolCallParser(plan.native)
-        text, deltas = parser.feed(c.text)
+        content, deltas = parser.feed(c.text)
+        content = content or None  # in calls mode the text is the calls (a call cut short shows nothing)
         if parser.num_calls:
             calls = [ToolCall(id="", function=FunctionCall(name="", arguments=""))
                      for _ in range(parser.num_calls)]
@@ -162,7 +163,6 @@ def _chat_choice(engine: AsyncEngine, c: Choice, plan: ToolPlan | None, logprobs
                 call.id = d.id or call.id
                 call.function.name = d.function.name or call.function.name
                 call.function.arguments += d.function.arguments or ""
-            content = None
     return ChatChoice(index=c.index, message=ChatResponseMessage(content=content, tool_calls=calls),
                       logprobs=chat_logprobs(engine.tokenizer, c.logprobs) if logprobs else None,
                       finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,
@@ -197,7 +197,8 @@ async def _chat_stream(request: Request, engine: AsyncEngine, stream: RequestStr
             yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=lp, finish_reason=reason)])
     except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
         yield sse_error(e)
-    totals = record(request, state, rid, stream)
+    finally:  # also when the client leaves mid-stream (the generator is closed)
+        totals = record(request, state, rid, stream)
     if include_usage:
         yield chunk([], totals)
     yield SSE_DONE
@@ -261,7 +262,8 @@ async def _completion_stream(request: Request, engine: AsyncEngine, stream: Requ
                                           finish_reason=d.finish_reason)])
     except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
         yield sse_error(e)
-    totals = record(request, state, rid, stream)
+    finally:  # also when the client leaves mid-stream (the generator is closed)
+        totals = record(request, state, rid, stream)
     if include_usage:
         yield chunk([], totals)
     yield SSE_DONE
