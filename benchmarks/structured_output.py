@@ -1,6 +1,6 @@
 """Structured output's cost: 16 concurrent chat streams on the embedded model, json_schema vs free text.
 
-    .venv/bin/python benchmarks/structured_output.py [--streams 16] [--rounds 2] [--max-tokens 256]
+    .venv/bin/python benchmarks/structured_output.py [--streams 16] [--rounds 6] [--max-tokens 256]
 
 One server (uvicorn in this process, the engine's defaults as `make serve` has them), the same prompts
 both ways, alternating free text and json_schema rounds so that drift on a noisy machine hits both.
@@ -18,6 +18,7 @@ import asyncio
 import json
 import platform
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -144,7 +145,7 @@ def _mask_cost(engine: LLMEngine, rows: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=256)
     args = ap.parse_args()
     engine = LLMEngine.from_model(None, EngineConfig(max_num_seqs=max(16, args.streams)))
@@ -192,6 +193,9 @@ def main() -> None:
               f"tokens/s{valid}")
     print(f"json_schema / free text: {rate[True] / rate[False]:.2f}x over the rounds, "
           f"{steady[True] / steady[False]:.2f}x while all streams decode")
+    pairs = sorted((j[4] / j[3]) / (f[4] / f[3]) for f, j in zip(results[False], results[True], strict=True))
+    print(f"per adjacent pair of rounds, steady json/free: {', '.join(f'{x:.2f}' for x in pairs)}; median "
+          f"{statistics.median(pairs):.2f}x")
     print(f"grammar masks of one step for {args.streams} sequences: {mask_s * 1000:.2f} ms (a free-text step "
           f"of {args.streams} here: {args.streams / steady[False] * 1000:.0f} ms)")
     print(f"grammar tokenizer (once per engine): {tokenizer_s * 1000:.0f} ms")
