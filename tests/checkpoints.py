@@ -127,6 +127,7 @@ def write_gguf(
     vocab_size_key: bool = True,
     tokens: list[str] | None = None,
     rope_scaling_factor: float | None = None,
+    eos_token_id: int | None = None,
 ) -> Path:
     """A GGUF file with the `{arch}.*` metadata llama.cpp writes for a llama model, and the tensors."""
     c = hf_config
@@ -150,6 +151,8 @@ def write_gguf(
     if tokens is not None:
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
+    if eos_token_id is not None:
+        w.add_eos_token_id(eos_token_id)
     for name, (data, kind) in tensors.items():
         if data.dtype == np.uint8:  # quantized blocks (or BF16 bytes)
             w.add_tensor(name, data, raw_dtype=kind)

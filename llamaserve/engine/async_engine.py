@@ -193,6 +193,11 @@ class AsyncEngine:
         """
         if self.error is not None:
             raise EngineDeadError(self.error)
+        new = len(prompts) * params.n
+        bound = self._engine.config.max_num_seqs + (max_queue or 0)
+        if max_queue is not None and new > bound:
+            raise ValueError(f"this request holds {new} sequences (prompts x n), more than the server ever "
+                             f"holds at once ({bound}: --max-num-seqs plus --max-queue)")
         for prompt in prompts:  # reads only the engine's fixed configuration: safe off its thread
             self._engine.check_request(prompt, params)
         grammar = None
@@ -203,8 +208,8 @@ class AsyncEngine:
         rid = uuid.uuid4().hex[:16]
         ids = [f"{rid}-{i}" for i in range(len(prompts))]
         with self._lock:
-            self._admit(len(prompts) * params.n, max_queue)
-            self._queued += len(prompts) * params.n
+            self._admit(new, max_queue)
+            self._queued += new
             for i, request_id in enumerate(ids):
                 self._targets[request_id] = _Target(loop, out, i)
         for request_id, prompt in zip(ids, prompts, strict=True):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -12,19 +14,30 @@ from llamaserve.engine.sequence import Sequence
 class Block:
     """One block of block_size KV slots.
 
-    hash is the chain hash of the block's tokens once it is full and computed; the block is reusable
+    hash is the chain digest of the block's tokens once it is full and computed; the block is reusable
     as a prefix-cache hit only while the cache map points at it (a duplicate keeps its hash, unmapped).
     """
 
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
-    tokens: tuple[int, ...] = ()  # the tokens behind hash, compared on lookup to rule out collisions
+    hash: bytes | None = None
+    tokens: tuple[int, ...] = ()  # the tokens behind hash, compared on lookup as well
 
 
-def chain_hash(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
-    """Hash of a full block given the hash of the block before it (None for the first block)."""
-    return hash((parent_hash, tokens))
+def chain_hash(parent: bytes, tokens: tuple[int, ...]) -> bytes:
+    """Digest of a full block: blake2b over the previous block's digest and this block's tokens.
+
+    The first block's parent is the sequence's salt digest (salt_digest), so two tenants with different
+    salts never share, or learn of, each other's cached blocks.
+    """
+    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+
+
+def salt_digest(salt: str | None) -> bytes:
+    """The root of a sequence's block chain: one value for no salt, a digest of the salt otherwise."""
+    if salt is None:
+        return b""
+    return hashlib.blake2b(salt.encode(), digest_size=16, person=b"llamaserve-salt").digest()
 
 
 class BlockManager:
@@ -43,7 +56,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Head: next to be allocated (least recently freed); tail: most recently freed.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}  # chain hash -> block id
+        self.cached: dict[bytes, int] = {}  # chain digest -> block id
         self.prefix_queries = 0  # full prompt blocks looked up in the prefix cache
         self.prefix_hits = 0  # of which found
 
@@ -84,7 +97,7 @@ class BlockManager:
         if seq.block_table:
             raise ValueError(f"sequence {seq.seq_id} already holds KV-cache blocks")
         max_hits = (seq.num_tokens - 1) // self.block_size
-        parent: int | None = None
+        parent = salt_digest(seq.params.cache_salt)
         for i in range(max_hits):
             tokens = self._block_tokens(seq, i)
             h = chain_hash(parent, tokens)
@@ -148,9 +161,12 @@ class BlockManager:
         num_full = min(len(seq.block_table), seq.num_computed_tokens // self.block_size)
         if num_full <= seq.num_hashed_blocks:
             return
-        parent: int | None = None
+        parent = salt_digest(seq.params.cache_salt)
         if seq.num_hashed_blocks > 0:
-            parent = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash
+            previous = self.blocks[seq.block_table[seq.num_hashed_blocks - 1]].hash
+            if previous is None:
+                raise RuntimeError(f"sequence {seq.seq_id}: a hashed block has lost its digest")
+            parent = previous
         for i in range(seq.num_hashed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             block.tokens = self._block_tokens(seq, i)

@@ -48,6 +48,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus k alternatives
     include_stop_str_in_output: bool = False
     structured: StructuredOutput | None = None  # the grammar every sampled token must follow
+    cache_salt: str | None = None  # prefix-cache blocks are shared only between equal salts
 
     def __post_init__(self) -> None:
         if self.top_k == -1:

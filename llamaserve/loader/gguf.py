@@ -66,8 +66,8 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], vocab_len
         # GGUF stores float32: take the shortest decimal that round-trips (1e-05, not 9.99999974e-06).
         return float(str(np.float32(get(key, default))))
 
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
+    heads = _positive("attention.head_count", get("attention.head_count"))
+    hidden = _positive("embedding_length", get("embedding_length"))
     scaling = RopeScaling()
     kind = meta.get("llama.rope.scaling.type")
     if kind == "linear":
@@ -93,14 +93,69 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], vocab_len
         raise ModelLoadError(f"invalid model shape in GGUF metadata: {e}") from e
 
 
+def _positive(key: str, value: Any) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"GGUF metadata llama.{key} is not an integer: {value!r}") from None
+    if number < 1:
+        raise ModelLoadError(f"GGUF metadata llama.{key} must be >= 1, got {number}")
+    return number
+
+
 def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any], GGUFReader]:
-    """Parse a GGUF file's config without touching its tensor data."""
+    """Parse a GGUF file's config without touching its tensor data (check_against_tensors before a load)."""
     reader = open_gguf(path)
     meta = metadata(reader)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab_len = len(tokens.data) if tokens is not None else 0
     cfg = config_from_metadata(meta, {t.name for t in reader.tensors}, vocab_len)
+    check_token_ids(meta, vocab_len)
     return cfg, meta, reader
+
+
+def check_against_tensors(cfg: ModelConfig, reader: GGUFReader) -> None:
+    """The metadata must describe the tensors the file holds, before anything is allocated from it."""
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    h, d = cfg.hidden_size, cfg.head_dim
+    expected = {"token_embd.weight": [h, cfg.vocab_size], "output_norm.weight": [h]}
+    if not cfg.tie_word_embeddings:
+        expected["output.weight"] = [h, cfg.vocab_size]
+    for i in range(cfg.num_hidden_layers):
+        expected |= {f"blk.{i}.attn_q.weight": [h, cfg.num_attention_heads * d],
+                     f"blk.{i}.attn_k.weight": [h, cfg.num_key_value_heads * d],
+                     f"blk.{i}.attn_v.weight": [h, cfg.num_key_value_heads * d],
+                     f"blk.{i}.attn_output.weight": [cfg.num_attention_heads * d, h],
+                     f"blk.{i}.ffn_gate.weight": [h, cfg.intermediate_size],
+                     f"blk.{i}.ffn_up.weight": [h, cfg.intermediate_size],
+                     f"blk.{i}.ffn_down.weight": [cfg.intermediate_size, h]}
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ModelLoadError(f"the GGUF metadata describes tensor {name}, which the file lacks "
+                                 f"(block_count {cfg.num_hidden_layers}, tensors for "
+                                 f"{_num_blocks(shapes)} blocks)")
+        if shapes[name] != shape:
+            raise ModelLoadError(f"tensor {name} has shape {shapes[name]}, but the GGUF metadata implies "
+                                 f"{shape}")
+    extra = _num_blocks(shapes)
+    if extra > cfg.num_hidden_layers:
+        raise ModelLoadError(f"the file holds tensors for {extra} blocks, but its metadata says block_count "
+                             f"{cfg.num_hidden_layers}")
+
+
+def _num_blocks(shapes: dict[str, list[int]]) -> int:
+    ids = [int(n.split(".")[1]) for n in shapes if n.startswith("blk.") and n.split(".")[1].isdigit()]
+    return max(ids) + 1 if ids else 0
+
+
+def check_token_ids(meta: dict[str, Any], vocab_len: int) -> None:
+    """Special token ids must name tokens of the vocabulary."""
+    for key in ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id", "padding_token_id",
+                "unknown_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and not 0 <= int(value) < vocab_len:
+            raise ModelLoadError(f"GGUF metadata tokenizer.ggml.{key} is {value}, outside the vocabulary "
+                                 f"(0..{vocab_len - 1})")
 
 
 def check_tensor_types(reader: GGUFReader) -> None:

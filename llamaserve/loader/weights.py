@@ -214,6 +214,9 @@ def load_model(
     """
     source = inspect_model(model)
     cfg = source.config
+    if source.kind == "gguf":  # wrong metadata must fail here, in one line, not as a huge allocation
+        gguf_loader.check_tensor_types(source.reader)
+        gguf_loader.check_against_tensors(cfg, source.reader)
     dev = torch.device(device)
     mode = resolve_quantization(quantization, source, dev)
     quantized = mode in ("auto", "int4", "int8")

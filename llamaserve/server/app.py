@@ -10,6 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -169,8 +170,12 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name:
     if engine is not None:
         attach_engine(app, engine, model_name)
     _install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(AccessLogMiddleware, state=state)  # added last, so outermost: 401s and 413s too
+    app.add_middleware(GuardMiddleware, api_keys=settings.api_keys, max_body_bytes=settings.max_body_bytes,
+                       allowed_hosts=settings.allowed_hosts)
+    app.add_middleware(AccessLogMiddleware, state=state)  # outside the guard: 401s, 413s and 415s too
+    if settings.cors_origins:  # outermost: a browser's preflight needs no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=["Retry-After"])
 
     @app.get("/health")
     async def health() -> JSONResponse:

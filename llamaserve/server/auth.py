@@ -1,4 +1,5 @@
-"""ASGI guards in front of every route: bearer-key auth (all but /health) and the body-size limit."""
+"""ASGI guards in front of every route: the Host check, bearer-key auth (all but /health), JSON bodies
+only (415 otherwise), and the body-size limit."""
 
 from __future__ import annotations
 
@@ -22,33 +23,53 @@ async def _send_json(send: Any, status: int, body: dict, headers: list | None = 
 
 
 class GuardMiddleware:
-    """401 without a valid `Authorization: Bearer <key>`; 413 for bodies over max_body_bytes."""
+    """400 for a Host not allowed (DNS rebinding); 401 without a valid `Authorization: Bearer <key>`;
+    415 for a POST body that is not JSON (a browser's no-preflight cross-site POST is text/plain or a
+    form); 413 for bodies over max_body_bytes."""
 
-    def __init__(self, app: Any, api_keys: tuple[str, ...], max_body_bytes: int) -> None:
+    def __init__(self, app: Any, api_keys: tuple[str, ...], max_body_bytes: int,
+                 allowed_hosts: tuple[str, ...] = ()) -> None:
         self.app = app
         self.keys = [k.encode() for k in api_keys]
         self.max_body = max_body_bytes
+        self.hosts = frozenset(h.lower().strip("[]") for h in allowed_hosts)
 
-    def _authorized(self, scope: dict) -> bool:
+    def _key_index(self, scope: dict) -> int | None:
+        """Which key the request carries (-1: no key needed), None when it carries no valid one."""
         if not self.keys or scope["path"] in OPEN_PATHS:
-            return True
+            return -1
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer":
-            return False
-        return any(hmac.compare_digest(token.strip(), k) for k in self.keys)
+            return None
+        matches = [hmac.compare_digest(token.strip(), k) for k in self.keys]  # every key, in constant time
+        return matches.index(True) if any(matches) else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._authorized(scope):
+        headers = dict(scope.get("headers") or [])
+        if self.hosts and _host_name(headers.get(b"host", b"")) not in self.hosts:
+            await _send_json(send, 400, error_body(
+                "the Host header names a host this server does not answer for (see --allowed-hosts)",
+                "invalid_request_error", None, "host_not_allowed"))
+            return
+        key = self._key_index(scope)
+        if key is None:
             await _send_json(send, 401, error_body(
                 "missing or invalid API key: send 'Authorization: Bearer <key>'",
                 "authentication_error", None, "invalid_api_key"),
                 [(b"www-authenticate", b"Bearer")])
             return
-        length = dict(scope.get("headers") or []).get(b"content-length")
+        # The tenant, for the prefix cache: requests under different keys never share cached blocks.
+        scope.setdefault("state", {})["tenant"] = None if key < 0 else f"key-{key}"
+        if scope["method"] == "POST" and not _is_json(headers.get(b"content-type", b"")):
+            await _send_json(send, 415, error_body(
+                "send the body as JSON, with 'Content-Type: application/json'", "invalid_request_error",
+                None, "unsupported_media_type"))
+            return
+        length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await _send_json(send, 413, self._too_large())
             return
@@ -72,6 +93,19 @@ class GuardMiddleware:
             return message
 
         return wrapped
+
+
+def _host_name(host: bytes) -> str:
+    """The name in a Host header, without the port (IPv6 literals lose their brackets)."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1:].split("]", 1)[0]
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
 class BodyTooLarge(HTTPException):

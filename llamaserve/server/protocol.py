@@ -89,6 +89,7 @@ class _Sampling(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     structured_outputs: StructuredOutputs | None = None
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # vLLM's: a private cache
     guided_json: dict[str, Any] | str | None = None  # vLLM's older names for structured_outputs
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(default=None, min_length=1)
@@ -138,6 +139,7 @@ class _Sampling(_Request):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             structured=structured or self.structured(),
+            cache_salt=self.cache_salt,
         )
 
 

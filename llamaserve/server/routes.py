@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -56,9 +58,37 @@ def _state(request: Request) -> AppState:
     return request.app.state.llamaserve  # type: ignore[no-any-return]
 
 
+# No token of any vocabulary we serve is this long, so a text with more characters than this times the
+# context cannot fit: refused before it is tokenized.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def _check_size(engine: AsyncEngine, num_chars: int) -> None:
+    limit = engine.max_model_len * MAX_CHARS_PER_TOKEN
+    if num_chars > limit:
+        raise ValueError(f"the prompt has {num_chars} characters, far more than the context of "
+                         f"{engine.max_model_len} tokens can hold (at most {limit} characters are read)")
+
+
+async def _encode(engine: AsyncEngine, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Tokenize on a worker thread: a long text must not stall the event loop for every other client."""
+    _check_size(engine, len(text))
+    return await asyncio.to_thread(engine.tokenizer.encode, text, add_special_tokens)
+
+
+async def _encode_chat(engine: AsyncEngine, messages: list[dict[str, Any]],
+                       tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Render the chat template and tokenize it on a worker thread, after the size check."""
+    _check_size(engine, sum(len(str(m.get("content") or "")) for m in messages) + len(str(tools or "")))
+    return await asyncio.to_thread(engine.tokenizer.encode_chat, messages, True, tools)
+
+
 async def _start(request: Request, prompts: list[list[int]], params: SamplingParams) -> RequestStream:
     """Admit the request into the engine: every client error and the 429 surface here, before a 200."""
     state = _state(request)
+    tenant = getattr(request.state, "tenant", None)  # set by the key check: one prefix cache per key
+    if tenant is not None:
+        params = dataclasses.replace(params, cache_salt=f"{tenant}|{params.cache_salt or ''}")
     return await state.ready_engine().generate(prompts, params, state.settings.max_queue)
 
 
@@ -88,10 +118,10 @@ async def tokenize(req: TokenizeRequest, request: Request) -> dict[str, Any]:
     engine = _state(request).ready_engine()
     tok = engine.tokenizer
     if req.messages is not None:
-        ids = tok.encode_chat(chat_messages(ChatCompletionRequest(messages=req.messages), None,
-                                            tok.chat_template))
+        ids = await _encode_chat(engine, chat_messages(ChatCompletionRequest(messages=req.messages), None,
+                                                       tok.chat_template))
     elif req.prompt is not None:
-        ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        ids = await _encode(engine, req.prompt, req.add_special_tokens)
     else:
         raise ValueError("give 'prompt' or 'messages'")
     return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
@@ -110,12 +140,12 @@ async def predict(req: PredictRequest, request: Request) -> PredictResponse:
     text = req.prompt if req.prompt is not None else req.query
     if not text:
         raise ValueError("give a non-empty 'prompt' (or 'query')")
-    tok = _state(request).ready_engine().tokenizer
-    if req.raw or tok.chat_template is None:
-        ids = tok.encode(text)
+    engine = _state(request).ready_engine()
+    if req.raw or engine.tokenizer.chat_template is None:
+        ids = await _encode(engine, text)
     else:
         system = [{"role": "system", "content": req.system}] if req.system else []
-        ids = tok.encode_chat(system + [{"role": "user", "content": text}])
+        ids = await _encode_chat(engine, system + [{"role": "user", "content": text}])
     stream = await _start(request, [ids], req.sampling_params(req.max_tokens, None, default_temperature=0.0))
     rid = new_id("predict")
     choices = await _collect(request, stream, 1, 1)
@@ -131,8 +161,8 @@ async def chat(req: ChatCompletionRequest, request: Request) -> ChatCompletion |
     engine = state.ready_engine()
     template = engine.tokenizer.chat_template
     plan = plan_tools(req, template)
-    ids = engine.tokenizer.encode_chat(chat_messages(req, plan, template),
-                                       tools=plan.tools if plan and plan.native else None)
+    ids = await _encode_chat(engine, chat_messages(req, plan, template), plan.tools if plan and plan.native
+                             else None)
     structured = plan.grammar() if plan else req.response_format.structured() if req.response_format else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs, structured)
@@ -209,7 +239,7 @@ async def completions(req: CompletionRequest, request: Request) -> Completion | 
     state = _state(request)
     state.check_model(req.model)
     engine = state.ready_engine()
-    prompts = _completion_prompts(engine, req.prompt)
+    prompts = await _completion_prompts(engine, req.prompt, state.settings.max_prompts)
     params = req.sampling_params(req.max_tokens, req.logprobs)
     stream = await _start(request, prompts, params)
     rid, created = new_id("cmpl"), int(time.time())
@@ -228,16 +258,19 @@ async def completions(req: CompletionRequest, request: Request) -> Completion | 
         usage=record(request, state, rid, stream))
 
 
-def _completion_prompts(engine: AsyncEngine, prompt: Any) -> list[list[int]]:
-    tok = engine.tokenizer
+async def _completion_prompts(engine: AsyncEngine, prompt: Any, max_prompts: int) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [tok.encode(prompt)]
+        return [await _encode(engine, prompt)]
     if not prompt:
         raise ValueError("prompt must not be empty")
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
+    if len(prompt) > max_prompts:
+        raise ValueError(f"the request holds {len(prompt)} prompts; at most {max_prompts} are allowed "
+                         "(--max-prompts)")
     if all(isinstance(p, str) for p in prompt):
-        return [tok.encode(p) for p in prompt]
+        _check_size(engine, sum(len(p) for p in prompt))
+        return [await _encode(engine, p) for p in prompt]
     return [list(p) for p in prompt]
 
 

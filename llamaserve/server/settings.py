@@ -17,6 +17,9 @@ class ServerSettings:
     drain_timeout: float = 30.0
     served_model_name: str = ""
     log_requests: bool = True
+    max_prompts: int = 128  # prompts in one completions request
+    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted; () accepts any
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-site; () sends no CORS headers
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -29,6 +32,16 @@ class ServerSettings:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if any(not k for k in self.api_keys):
             raise ValueError("API keys must be non-empty")
+        if self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def default_allowed_hosts(host: str) -> tuple[str, ...]:
+    """Bound to loopback, only loopback names may appear in Host (no DNS rebinding); else any name."""
+    return LOOPBACK_HOSTS if host in LOOPBACK_HOSTS or host.startswith("127.") else ()
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -42,12 +55,28 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--served-model-name", default="", help="model id in the API (default: the file name)")
     p.add_argument("--no-access-log", action="store_true", help="no per-request log lines")
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts,
+                   help="prompts one completions request may hold")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host names to accept, '*' for any (default: loopback names when "
+                        "bound to loopback, any otherwise)")
+    p.add_argument("--cors-origins", default="",
+                   help="comma-separated browser origins allowed cross-site ('*' for any); default none")
 
 
 def server_settings(args: argparse.Namespace) -> ServerSettings:
     env_keys = [k for k in os.environ.get("LLAMASERVE_API_KEYS", "").split(",") if k.strip()]
+    if args.allowed_hosts is None:
+        hosts = default_allowed_hosts(args.host)
+    else:
+        hosts = () if args.allowed_hosts.strip() == "*" else _names(args.allowed_hosts)
     return ServerSettings(
         host=args.host, port=args.port, api_keys=tuple(args.api_key + [k.strip() for k in env_keys]),
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout,
         served_model_name=args.served_model_name, log_requests=not args.no_access_log,
+        max_prompts=args.max_prompts, allowed_hosts=hosts, cors_origins=_names(args.cors_origins),
     )
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in text.split(",") if n.strip())

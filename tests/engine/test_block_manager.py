@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from llamaserve.engine.block_manager import BlockManager, chain_hash
+from llamaserve.engine.block_manager import BlockManager, chain_hash, salt_digest
 from llamaserve.engine.sampling_params import SamplingParams
 from llamaserve.engine.sequence import Sequence
 
 
-def make_seq(seq_id: int, tokens: list[int]) -> Sequence:
-    return Sequence(seq_id, f"req-{seq_id}", list(tokens), len(tokens), SamplingParams())
+def make_seq(seq_id: int, tokens: list[int], salt: str | None = None) -> Sequence:
+    return Sequence(seq_id, f"req-{seq_id}", list(tokens), len(tokens), SamplingParams(cache_salt=salt))
 
 
 def compute_all(bm: BlockManager, seq: Sequence) -> None:
@@ -20,7 +20,7 @@ def compute_all(bm: BlockManager, seq: Sequence) -> None:
     bm.register_computed(seq)
 
 
-def snapshot(bm: BlockManager) -> tuple[list[int], list[int], dict[int, int]]:
+def snapshot(bm: BlockManager) -> tuple[list[int], list[int], dict[bytes, int]]:
     return list(bm.free_queue), [b.ref_count for b in bm.blocks], dict(bm.cached)
 
 
@@ -37,7 +37,7 @@ def test_allocate_register_free_roundtrip() -> None:
 
     seq.num_computed_tokens = 10
     bm.register_computed(seq)
-    h0 = chain_hash(None, tuple(tokens[:4]))
+    h0 = chain_hash(salt_digest(None), tuple(tokens[:4]))
     h1 = chain_hash(h0, tuple(tokens[4:8]))
     assert seq.num_hashed_blocks == 2  # the third block is partial
     assert [bm.blocks[i].hash for i in range(3)] == [h0, h1, None]
@@ -69,7 +69,7 @@ def test_register_is_incremental_over_chunks_and_decode() -> None:
     assert seq.num_hashed_blocks == 2  # appended but not computed yet
     seq.num_computed_tokens = 12
     bm.register_computed(seq)
-    expected = None
+    expected = salt_digest(None)
     for i in range(3):
         expected = chain_hash(expected, tuple(seq.token_ids[4 * i : 4 * i + 4]))
     assert seq.num_hashed_blocks == 3
@@ -198,7 +198,7 @@ def test_duplicate_block_keeps_first_mapping_and_the_chain_continues() -> None:
         assert bm.allocate_prompt(seq) == 0
     compute_all(bm, a)
     compute_all(bm, b)
-    h0 = chain_hash(None, tuple(common[:4]))
+    h0 = chain_hash(salt_digest(None), tuple(common[:4]))
     assert bm.cached[h0] == a.block_table[0]
     assert bm.blocks[b.block_table[0]].hash == h0  # unmapped duplicate
     assert b.num_hashed_blocks == 3
@@ -252,3 +252,24 @@ def test_reset_prefix_cache_forgets_free_blocks() -> None:
 def test_rejects_empty_pool() -> None:
     with pytest.raises(ValueError, match="at least one block"):
         BlockManager(num_blocks=0, block_size=16)
+
+
+def test_different_salts_never_share_blocks_equal_salts_do() -> None:
+    """One tenant's cached prompt is invisible to another: no hit, so cached_tokens and TTFT tell nothing."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    tokens = list(range(1, 14))
+    first = make_seq(0, tokens, salt="key-0")
+    bm.allocate_prompt(first)
+    compute_all(bm, first)
+    assert bm.allocate_prompt(make_seq(1, tokens, salt="key-1")) == 0
+    assert bm.allocate_prompt(make_seq(2, tokens)) == 0  # unsalted is a tenant of its own too
+    assert bm.allocate_prompt(make_seq(3, tokens, salt="key-0")) == 12
+
+
+def test_digests_are_cryptographic_and_chained() -> None:
+    a, b = chain_hash(b"", (1, 2, 3, 4)), chain_hash(b"", (1, 2, 3, 5))
+    assert len(a) == 16 and a != b
+    assert chain_hash(a, (9, 9, 9, 9)) != chain_hash(b, (9, 9, 9, 9))  # the parent is part of the digest
+    assert salt_digest("x") != salt_digest("y") and salt_digest(None) == b""
+    # Python's hash() of a tuple of small ints collides in structured ways; a 128-bit digest does not
+    assert len({chain_hash(b"", (i, j)) for i in range(100) for j in range(100)}) == 10_000

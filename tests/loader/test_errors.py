@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,8 +90,45 @@ def test_missing_tensor(tmp_path, model) -> None:
     tensors = gguf_tensors(model, QT.F16)
     del tensors["blk.1.attn_k.weight"]
     path = write_gguf(tmp_path / "holes.gguf", model.config, tensors)
-    with pytest.raises(ModelLoadError, match=r"lacks 1 tensors.*layers\.1\.attention\.wqkv"):
+    with pytest.raises(ModelLoadError, match=r"tensor blk\.1\.attn_k\.weight, which the file lacks"):
         load_model(str(path))
+
+
+def _mutant(tmp_path: Path, model: Any, name: str, **changes: Any) -> Path:
+    config = copy.deepcopy(model.config)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return write_gguf(tmp_path / f"{name}.gguf", config, gguf_tensors(model, QT.F16))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_attention_heads": 0}, r"llama\.attention\.head_count must be >= 1, got 0"),
+    ({"num_hidden_layers": 1000}, r"describes tensor blk\.2\.attn_q\.weight, which the file lacks "
+                                  r"\(block_count 1000, tensors for 2 blocks\)"),
+    ({"num_hidden_layers": 1}, r"holds tensors for 2 blocks, but its metadata says block_count 1"),
+    ({"hidden_size": 2**31}, r"tensor token_embd\.weight has shape \[64, \d+\], but the GGUF metadata "
+                             r"implies \[2147483648"),
+    ({"intermediate_size": 4096}, r"blk\.0\.ffn_gate\.weight has shape \[64, 128\]"),
+    ({"num_key_value_heads": 1}, r"blk\.0\.attn_k\.weight has shape"),
+], ids=["head_count_0", "block_count_1000", "block_count_1", "embedding_2^31", "ffn_length", "kv_heads"])
+def test_wrong_metadata_values_are_one_line_before_any_allocation(tmp_path, model, changes, message) -> None:
+    import tracemalloc
+
+    path = _mutant(tmp_path, model, "mutant", **changes)
+    tracemalloc.start()
+    with pytest.raises(ModelLoadError, match=message) as e:
+        load_model(str(path))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert "\n" not in str(e.value) and peak < 50 * 2**20  # refused before the model was allocated
+
+
+def test_a_special_token_id_outside_the_vocabulary(tmp_path, model) -> None:
+    tokens = [f"t{i}" for i in range(model.config.vocab_size)]
+    path = write_gguf(tmp_path / "eos.gguf", model.config, gguf_tensors(model, QT.F16), tokens=tokens,
+                      eos_token_id=model.config.vocab_size + 5)
+    with pytest.raises(ModelLoadError, match=r"tokenizer\.ggml\.eos_token_id is \d+, outside the vocabulary"):
+        inspect_model(str(path))
 
 
 def test_hf_folder_of_another_architecture(tmp_path, model) -> None:
