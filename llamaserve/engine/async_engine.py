@@ -61,6 +61,11 @@ class _Abort:
 
 
 @dataclass(slots=True)
+class _FailAll:
+    message: str
+
+
+@dataclass(slots=True)
 class _Target:
     """Where the engine thread delivers one engine request's outputs: (prompt index, output)."""
 
@@ -133,7 +138,7 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine) -> None:
         self._engine = engine
-        self._commands: queue.SimpleQueue[_Add | _Abort] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _FailAll] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._targets: dict[str, _Target] = {}
         self._lock = threading.Lock()  # guards _targets and _queued
@@ -144,6 +149,7 @@ class AsyncEngine:
         self._recent: list[tuple[float, int]] = []  # (time, tokens generated in a step)
         self._stats = EngineStats(0, 0, 0, 0.0, 0, 0, 0.0)
         self._avg_completion_tokens = 128.0  # per sequence, for Retry-After estimates
+        self._step_started: float | None = None  # when the running step began (None between steps)
 
     # -- what the server reads ------------------------------------------------------------------
     @property
@@ -228,6 +234,21 @@ class AsyncEngine:
             wait = (waiting + new) * self._avg_completion_tokens / rate if rate > 0 else 1.0
             raise QueueFull(waiting, max_queue, min(60, max(1, math.ceil(wait))))
 
+    def check_stuck(self, timeout: float) -> bool:
+        """True (and every request failed in-band, the engine marked dead) once a step has run longer
+        than `timeout` seconds: a hung kernel or a deadlock must not hang every client with it."""
+        started = self._step_started
+        if self.error is None and started is not None and time.monotonic() - started > timeout:
+            self.error = f"engine failure: a step has not returned for {timeout:g} s"
+            log.error("%s", self.error)
+            self._fail_pending(EngineDeadError(self.error))
+        return self.error is not None
+
+    def fail_all(self, message: str) -> None:
+        """Finish every request now with `message` as an in-band error (e.g. at the drain deadline)."""
+        self._commands.put(_FailAll(message))
+        self._wake.set()
+
     def _close(self, ids: list[str], unfinished: set[int]) -> None:
         with self._lock:
             for request_id in ids:
@@ -252,7 +273,9 @@ class AsyncEngine:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
+                self._step_started = time.monotonic()
                 outputs = self._engine.step()
+                self._step_started = None
             except Exception as e:  # a model, kernel or engine bug: fail requests, never hang them
                 log.exception("engine step failed")
                 self.error = f"engine failure: {type(e).__name__}: {e}"
@@ -268,6 +291,9 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(cmd, _FailAll):
+                self._deliver(self._engine.fail_all(cmd.message))
+                continue
             if isinstance(cmd, _Abort):
                 out = self._engine.abort_request(cmd.request_id)
                 if out is not None:

@@ -112,7 +112,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         detail = "no such route" if e.status_code == 404 else str(e.detail)
-        return _error(e.status_code, detail, kind)
+        return _error(e.status_code, detail, kind, headers=e.headers)  # 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def crash(_: Request, e: Exception) -> JSONResponse:
@@ -177,7 +177,7 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["Retry-After"])
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         try:
             state.ready_engine()

@@ -18,8 +18,9 @@ from llamaserve.engine.sampling_params import SamplingParams, StructuredOutput
 
 
 class _Request(BaseModel):
-    # A field we do not know is refused (400 naming it), never quietly ignored.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # A field we do not know is refused (400 naming it), never quietly ignored; types are strict
+    # (max_tokens: true is not 1, stream: "yes" is not true).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod

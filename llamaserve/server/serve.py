@@ -46,11 +46,35 @@ class DrainingServer(uvicorn.Server):
         return 0 if engine is None else engine.num_in_flight
 
     def _drain(self) -> None:
-        deadline = time.monotonic() + self.drain_timeout
+        self._wait_idle(self.drain_timeout)
+        left = self._in_flight()
+        if left:  # end them in-band (an error event, then [DONE]; 503 if not streamed), not cut mid-stream
+            engine = self.llamaserve_app.state.llamaserve.engine
+            engine.fail_all(f"the server is shutting down: this request did not finish within the drain "
+                            f"timeout ({self.drain_timeout:g} s)")
+            self._wait_idle(5.0)
+        log.info("drained (%d stopped at the deadline); shutting down", left)
+        self.should_exit = True
+
+    def _wait_idle(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         while self._in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
-        log.info("drained (%d left); shutting down", self._in_flight())
-        self.should_exit = True
+
+
+# Exit status after an engine failure (an exception in a step, or a step stuck past --step-timeout):
+# the requests have been failed in-band and /health says 503; a supervisor restarts the process.
+ENGINE_FAILED = 3
+
+
+def watch_engine(server: uvicorn.Server, app: Any, step_timeout: float) -> bool:
+    """One look at the engine: on a failure, stop the server (serve then exits ENGINE_FAILED)."""
+    engine = app.state.llamaserve.engine
+    if engine is None or not engine.check_stuck(step_timeout):
+        return False
+    log.error("the engine failed (%s); exiting with status %d for a restart", engine.error, ENGINE_FAILED)
+    server.should_exit = True
+    return True
 
 
 def serve(args: argparse.Namespace, config: EngineConfig) -> int:
@@ -75,7 +99,17 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
             failure.append(e)
             server.should_exit = True
 
+    failed = threading.Event()
+
+    def watch() -> None:
+        while not server.should_exit:
+            if watch_engine(server, app, settings.step_timeout):
+                failed.set()
+                return
+            time.sleep(1.0)
+
     threading.Thread(target=load, name="llamaserve-load", daemon=True).start()
+    threading.Thread(target=watch, name="llamaserve-watch", daemon=True).start()
     asyncio.run(server.serve())
     state = app.state.llamaserve
     if state.engine is not None:
@@ -83,7 +117,7 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     if failure:
         print(f"llamaserve: error: {failure[0]}", file=sys.stderr)
         return 2
-    return 0
+    return ENGINE_FAILED if failed.is_set() else 0
 
 
 

@@ -20,6 +20,7 @@ class ServerSettings:
     max_prompts: int = 128  # prompts in one completions request
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted; () accepts any
     cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-site; () sends no CORS headers
+    step_timeout: float = 300.0  # an engine step running longer is a failure (exit 3)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -32,6 +33,8 @@ class ServerSettings:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if any(not k for k in self.api_keys):
             raise ValueError("API keys must be non-empty")
+        if self.step_timeout <= 0:
+            raise ValueError(f"step_timeout must be > 0, got {self.step_timeout}")
         if self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
 
@@ -60,6 +63,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-hosts", default=None,
                    help="comma-separated Host names to accept, '*' for any (default: loopback names when "
                         "bound to loopback, any otherwise)")
+    p.add_argument("--step-timeout", type=float, default=d.step_timeout,
+                   help="seconds one engine step may run before the engine counts as failed (exit 3)")
     p.add_argument("--cors-origins", default="",
                    help="comma-separated browser origins allowed cross-site ('*' for any); default none")
 
@@ -74,7 +79,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         host=args.host, port=args.port, api_keys=tuple(args.api_key + [k.strip() for k in env_keys]),
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout,
         served_model_name=args.served_model_name, log_requests=not args.no_access_log,
-        max_prompts=args.max_prompts, allowed_hosts=hosts, cors_origins=_names(args.cors_origins),
+        max_prompts=args.max_prompts, allowed_hosts=hosts, step_timeout=args.step_timeout,
+        cors_origins=_names(args.cors_origins),
     )
 
 

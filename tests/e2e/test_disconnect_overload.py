@@ -101,3 +101,13 @@ def test_overload_gets_429_with_retry_after(queue_server: Live) -> None:
         return float(m.group(1))
 
     assert rejected(after) - rejected(before) == statuses.count(429)
+
+
+def test_a_request_larger_than_the_server_is_400_not_429(queue_server: Live) -> None:
+    """One sequence running plus 2 waiting is all this server holds: n=4 could never be admitted."""
+    with queue_server.client() as client:
+        r = client.post("/v1/completions", json={"prompt": "Hi", "n": 4, "max_tokens": 2})
+        assert r.status_code == 400, r.text
+        assert "4 sequences" in r.json()["error"]["message"] and "--max-queue" in r.json()["error"]["message"]
+        ok = client.post("/v1/completions", json={"prompt": "Hi", "n": 3, "max_tokens": 2})
+        assert ok.status_code == 200, ok.text

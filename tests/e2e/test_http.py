@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -311,3 +313,28 @@ def test_engine_failure_mid_stream_is_reported_in_band(llm_engine: LLMEngine) ->
         errors = [json.loads(e)["error"] for e in events[:-1] if "error" in json.loads(e)]
         assert len(errors) == 1 and "kernel exploded" in errors[0]["message"]
         assert set(errors[0]) == {"message", "type", "param", "code"} and errors[0]["code"] == "engine_failed"
+
+
+def test_a_stuck_step_fails_requests_turns_health_503_and_stops_the_server(llm_engine: LLMEngine) -> None:
+    """A step that never returns: the watchdog fails the request in-band, /health says 503 and serve's
+    loop is told to stop (the process then exits 3 for its supervisor)."""
+    from llamaserve.server.serve import watch_engine
+
+    config = EngineConfig(kv_cache_memory=0.01, max_num_seqs=1, max_model_len=64)
+    stuck = LLMEngine(llm_engine.runner.model, llm_engine.tokenizer, config)
+    release = threading.Event()
+    stuck.step = lambda: release.wait(30) and []  # type: ignore[method-assign]
+    with started_server(stuck) as live, live.client(timeout=30) as c:
+        server = types.SimpleNamespace(should_exit=False)
+        result: list[httpx.Response] = []
+        worker = threading.Thread(target=lambda: result.append(
+            c.post("/predict", json={"prompt": "hi", "max_tokens": 4})))
+        worker.start()
+        time.sleep(0.5)
+        assert not watch_engine(server, live.app, step_timeout=5.0)  # not stuck long enough yet
+        assert watch_engine(server, live.app, step_timeout=0.2) and server.should_exit
+        worker.join(10)
+        error = assert_error(result[0], 503)
+        assert error["code"] == "engine_failed" and "has not returned" in error["message"]
+        assert httpx.get(f"{live.url}/health").status_code == 503
+        release.set()

@@ -103,3 +103,45 @@ def test_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
               if "llamaserve.access INFO " in line]
     assert any(a["status"] == 503 for a in access), output[-2000:]
     assert any(a["status"] == 200 and a["completion_tokens"] == TOKENS for a in access), output[-2000:]
+
+
+def test_streams_cut_at_the_drain_deadline_end_in_band(tmp_path: Path) -> None:
+    """A stream still running at the deadline gets an error event and [DONE]; no traceback in the log."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamaserve.cli", "serve", "--port", str(port), "--drain-timeout", "1",
+         "--kv-cache-memory", "0.05", "--max-num-seqs", "2"],
+        stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    try:
+        wait_healthy(url, proc)
+        events: list[str] = []
+        started = threading.Event()
+
+        def stream() -> None:
+            body = {"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        started.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert started.wait(60), "the stream did not start"
+        proc.send_signal(signal.SIGTERM)
+        reader.join(30)
+        assert not reader.is_alive()
+        assert events[-1] == "[DONE]", events[-3:]
+        error = json.loads(events[-2])["error"]
+        assert "drain timeout" in error["message"] and error["type"] == "service_unavailable"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    output = log.read()
+    assert "Traceback" not in output and "CancelledError" not in output, output[-3000:]

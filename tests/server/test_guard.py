@@ -111,3 +111,20 @@ def test_a_text_far_larger_than_the_context_is_refused_before_tokenizing(body: d
     r = client.post(path, json=body)
     assert r.status_code == 400 and "characters" in r.json()["error"]["message"]
     assert calls == [] and engine.calls == []
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", True), ("stream", "yes"), ("temperature", "0.5"),
+                                         ("n", 1.0), ("logprobs", 1)])
+def test_types_are_strict(field: str, value: object) -> None:
+    client, engine = make()
+    r = client.post("/v1/chat/completions", json=CHAT | {field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert engine.calls == []
+
+
+def test_head_health_and_the_allow_header_of_a_405() -> None:
+    client, _ = make()
+    assert client.head("/health").status_code == 200
+    r = client.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["error"]["type"] == "invalid_request_error"
