@@ -25,6 +25,11 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; no request can be served until a restart."""
 
 
+# Deltas a request's queue may hold unread: a client this far behind (a slow or stalled reader) is
+# cut off rather than buffered without bound.
+MAX_UNREAD = 4096
+
+
 class QueueFull(Exception):
     """Admission refused: more sequences already wait than the queue bound allows."""
 
@@ -315,8 +320,18 @@ class AsyncEngine:
     def _push(self, request_id: str, item: object) -> None:
         with self._lock:
             target = self._targets.get(request_id)
-        if target is not None:
-            target.loop.call_soon_threadsafe(target.queue.put_nowait, (target.index, item))
+        if target is None:
+            return
+        if target.queue.qsize() > MAX_UNREAD and isinstance(item, RequestOutput) and not item.finished:
+            with self._lock:
+                self._targets.pop(request_id, None)  # nothing more for it; its consumer sees the error
+            out = self._engine.abort_request(request_id)
+            if out is not None:  # counted as finished, so the stream ends after the error
+                out.error = (f"the client read nothing of its last {MAX_UNREAD} deltas: the request was "
+                             "stopped rather than buffered without bound")
+                target.loop.call_soon_threadsafe(target.queue.put_nowait, (target.index, out))
+            return
+        target.loop.call_soon_threadsafe(target.queue.put_nowait, (target.index, item))
 
     def _fail_pending(self, error: BaseException) -> None:
         with self._lock:

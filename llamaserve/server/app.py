@@ -112,7 +112,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         detail = "no such route" if e.status_code == 404 else str(e.detail)
-        return _error(e.status_code, detail, kind, headers=e.headers)  # 405 keeps its Allow header
+        headers = dict(e.headers) if e.headers else None  # a 405 keeps its Allow header
+        return _error(e.status_code, detail, kind, headers=headers)
 
     @app.exception_handler(Exception)
     async def crash(_: Request, e: Exception) -> JSONResponse:
@@ -177,7 +178,8 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["Retry-After"])
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.head("/health", include_in_schema=False)
+    @app.get("/health")
     async def health() -> JSONResponse:
         try:
             state.ready_engine()
@@ -187,12 +189,38 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name:
         return JSONResponse({"status": "ok", "max_model_len": engine.max_model_len,
                              "kv_cache": engine.kv_cache})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, saying 400 where it would say 422: this server answers invalid bodies with 400."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                responses = operation.get("responses", {})
+                if "422" in responses:
+                    responses["400"] = {"description": "Invalid request (OpenAI's error shape)",
+                                        "content": {"application/json": {"schema": {
+                                            "$ref": "#/components/schemas/Error"}}}}
+                    del responses["422"]
+        schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
+            "type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["message", "type"],
+                "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                               "param": {"type": ["string", "null"]}, "code": {}}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def attach_engine(app: FastAPI, engine: AsyncEngine, model_name: str) -> None:

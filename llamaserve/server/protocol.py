@@ -278,6 +278,10 @@ class CompletionRequest(_Sampling):
 
 
 class PredictRequest(_Sampling):
+    # The schema says what the route checks: a non-empty prompt or query.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["prompt"]},
+                                                           {"required": ["query"]}]})
+
     prompt: str | None = None
     query: str | None = None  # the original project's clients also send "query"
     system: str | None = None

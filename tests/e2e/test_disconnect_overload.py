@@ -8,7 +8,11 @@ import re
 import time
 
 import httpx
+import pytest
 
+from llamaserve.engine import async_engine
+from llamaserve.engine.async_engine import AsyncEngine
+from llamaserve.engine.sampling_params import SamplingParams
 from tests.e2e.conftest import MODEL, Live
 
 LONG = {"messages": [{"role": "user", "content": "Count to a thousand."}], "max_tokens": 4000,
@@ -111,3 +115,27 @@ def test_a_request_larger_than_the_server_is_400_not_429(queue_server: Live) -> 
         assert "4 sequences" in r.json()["error"]["message"] and "--max-queue" in r.json()["error"]["message"]
         ok = client.post("/v1/completions", json={"prompt": "Hi", "n": 3, "max_tokens": 2})
         assert ok.status_code == 200, ok.text
+
+
+def test_a_reader_that_falls_too_far_behind_is_cut_off(small_engine: AsyncEngine,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine does not buffer a stalled client's output without bound: past MAX_UNREAD deltas the
+    request is stopped and the reader, when it reads again, gets the error after what was buffered."""
+    monkeypatch.setattr(async_engine, "MAX_UNREAD", 4)
+    prompt = small_engine.tokenizer.encode("Once upon a time")
+
+    async def run() -> tuple[int, str]:
+        stream = await small_engine.generate([prompt], SamplingParams(max_tokens=40, ignore_eos=True))
+        deadline = time.monotonic() + 30
+        while stream.queue.qsize() <= 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # a client that reads nothing
+        await asyncio.sleep(0.5)
+        got = 0
+        with pytest.raises(async_engine.EngineDeadError) as e:
+            async for _ in stream:
+                got += 1
+        return got, str(e.value)
+
+    got, message = asyncio.run(run())
+    assert 1 <= got <= 6 and "read nothing of its last 4 deltas" in message
+    assert small_engine.num_in_flight == 0

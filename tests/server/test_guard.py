@@ -128,3 +128,15 @@ def test_head_health_and_the_allow_header_of_a_405() -> None:
     r = client.get("/v1/chat/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
     assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_openapi_schema_says_what_the_server_answers() -> None:
+    client, _ = make()
+    schema = client.get("/openapi.json").json()
+    posts = {path: ops["post"] for path, ops in schema["paths"].items() if "post" in ops}
+    assert "/v1/chat/completions" in posts and all("422" not in op["responses"] for op in posts.values())
+    assert all("400" in op["responses"] for op in posts.values())
+    assert "text/plain" in next(iter(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]))
+    predict = schema["components"]["schemas"]["PredictRequest"]
+    assert {"required": ["prompt"]} in predict["anyOf"] and {"required": ["query"]} in predict["anyOf"]
+    assert client.post("/predict", json={}).status_code == 400  # outside the schema, and refused
