@@ -152,6 +152,7 @@ class AsyncEngine:
         self._stop = False
         self.error: str | None = None
         self._recent: list[tuple[float, int]] = []  # (time, tokens generated in a step)
+        self._done_times: list[float] = []  # when sequences finished, over the last minute
         self._stats = EngineStats(0, 0, 0, 0.0, 0, 0, 0.0)
         self._avg_completion_tokens = 128.0  # per sequence, for Retry-After estimates
         self._step_started: float | None = None  # when the running step began (None between steps)
@@ -235,9 +236,7 @@ class AsyncEngine:
         waiting = self._queued + self._engine.num_waiting_seqs
         free = max(0, self._engine.config.max_num_seqs - self._engine.scheduler.num_running)
         if waiting + new - free > max_queue:
-            rate = self._stats.tokens_per_second
-            wait = (waiting + new) * self._avg_completion_tokens / rate if rate > 0 else 1.0
-            raise QueueFull(waiting, max_queue, min(60, max(1, math.ceil(wait))))
+            raise QueueFull(waiting, max_queue, self._retry_after(waiting + new - free - max_queue))
 
     def check_stuck(self, timeout: float) -> bool:
         """True (and every request failed in-band, the engine marked dead) once a step has run longer
@@ -253,6 +252,18 @@ class AsyncEngine:
         """Finish every request now with `message` as an in-band error (e.g. at the drain deadline)."""
         self._commands.put(_FailAll(message))
         self._wake.set()
+
+    def _retry_after(self, excess: int) -> int:
+        """Seconds until `excess` more sequences have left the queue, at the rate sequences have been
+        finishing over the last minute (before any has: queued tokens over the token rate); 1..60."""
+        done = self._done_times
+        now = time.monotonic()
+        if len(done) >= 2 and now > done[0]:
+            wait = excess / (len(done) / (now - done[0]))
+        else:
+            rate = self._stats.tokens_per_second
+            wait = excess * self._avg_completion_tokens / rate if rate > 0 else 1.0
+        return min(60, max(1, math.ceil(wait)))
 
     def _close(self, ids: list[str], unfinished: set[int]) -> None:
         with self._lock:
@@ -288,7 +299,8 @@ class AsyncEngine:
                 self._fail_pending(EngineDeadError(self.error))
                 return
             self._deliver(outputs)
-            self._update_stats(sum(len(c.token_ids) for o in outputs for c in o.outputs))
+            self._update_stats(sum(len(c.token_ids) for o in outputs for c in o.outputs),
+                               sum(c.finish_reason is not None for o in outputs for c in o.outputs))
 
     def _apply_commands(self) -> None:
         while True:
@@ -339,8 +351,9 @@ class AsyncEngine:
         for t in targets:
             t.loop.call_soon_threadsafe(t.queue.put_nowait, (t.index, error))
 
-    def _update_stats(self, new_tokens: int) -> None:
+    def _update_stats(self, new_tokens: int, finished: int = 0) -> None:
         now = time.monotonic()
+        self._done_times = [t for t in self._done_times if now - t < 60.0] + [now] * finished
         if new_tokens:
             self._recent.append((now, new_tokens))
         self._recent = [(t, n) for t, n in self._recent if now - t < 10.0]

@@ -139,3 +139,33 @@ def test_a_reader_that_falls_too_far_behind_is_cut_off(small_engine: AsyncEngine
     got, message = asyncio.run(run())
     assert 1 <= got <= 6 and "read nothing of its last 4 deltas" in message
     assert small_engine.num_in_flight == 0
+
+
+def test_retry_after_is_within_4x_of_the_measured_wait(queue_server: Live) -> None:
+    """One sequence runs, two wait: a fourth gets 429, and Retry-After is within 4x of how long it
+    really takes until the server admits it (the estimate is the sequence finishing rate)."""
+    import threading
+
+    body = {"prompt": "Once upon a time", "max_tokens": 30, "ignore_eos": True}
+    with queue_server.client(timeout=120) as client:
+        wait_idle(queue_server, client)
+        for _ in range(3):  # the finishing rate is observed from these
+            assert client.post("/v1/completions", json=body).status_code == 200
+        workers = [threading.Thread(target=lambda: client.post("/v1/completions", json=body))
+                   for _ in range(3)]
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 10
+        while True:
+            r = client.post("/v1/completions", json=body | {"stream": True, "max_tokens": 1})
+            if r.status_code == 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert r.status_code == 429, r.text
+        refused_at, retry_after = time.monotonic(), int(r.headers["Retry-After"])
+        while client.post("/v1/completions", json=body | {"max_tokens": 1}).status_code == 429:
+            time.sleep(0.05)
+        waited = time.monotonic() - refused_at
+        for w in workers:
+            w.join(120)
+    assert retry_after / 4 <= max(waited, 1.0) <= 4 * retry_after, (retry_after, waited)
