@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve test lint bench clean
+.PHONY: venv serve test lint bench stress clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,12 @@ bench: venv
 	$(BIN)/python benchmarks/engine_throughput.py
 	benchmarks/build_llama_server.sh
 	$(BIN)/python benchmarks/compare.py $(COMPARE_ARGS)
+
+# Overload, disconnects and slow readers against a loopback server; writes RELIABILITY.md. Not part of
+# `make test` (its short versions are): STRESS_ARGS="--requests 1000 --disconnects 200" for a quick run.
+STRESS_ARGS ?=
+stress: venv
+	$(BIN)/python benchmarks/stress.py $(STRESS_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -90,6 +90,7 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
         try:
             start = time.perf_counter()
             engine = LLMEngine.from_model(args.model, config, args.chat_template, progress=True)
+            engine.grammars.tokenizer  # noqa: B018  (built now: ~1 s holding the GIL, not on a first request)
             async_engine = AsyncEngine(engine)
             async_engine.start()
             attach_engine(app, async_engine, args.model or DEFAULT_MODEL)
