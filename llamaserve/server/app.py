@@ -206,14 +206,23 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description,
                              routes=app.routes)
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
-                responses = operation.get("responses", {})
-                if "422" in responses:
-                    responses["400"] = {"description": "Invalid request (OpenAI's error shape)",
-                                        "content": {"application/json": {"schema": {
-                                            "$ref": "#/components/schemas/Error"}}}}
-                    del responses["422"]
+        def error(description: str) -> dict[str, Any]:
+            return {"description": description, "content": {"application/json": {"schema": {
+                "$ref": "#/components/schemas/Error"}}}}
+
+        for name, path in schema.get("paths", {}).items():
+            for method, operation in path.items():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                responses["401"] = error("Missing or invalid API key")
+                responses["503"] = error("Loading, draining, or the engine failed")
+                if method == "post":
+                    responses["400"] = error("Invalid request (OpenAI's error shape)")
+                    responses["413"] = error("Body over --max-body-bytes")
+                    responses["415"] = error("Body not JSON")
+                    responses["429"] = error("Queue full (Retry-After says when to retry)")
+                if "{" in name:
+                    responses["404"] = error("No such model")
         schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
             "type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["message", "type"],

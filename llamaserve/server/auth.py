@@ -64,7 +64,8 @@ class GuardMiddleware:
             return
         # The tenant, for the prefix cache: requests under different keys never share cached blocks.
         scope.setdefault("state", {})["tenant"] = None if key < 0 else f"key-{key}"
-        if scope["method"] == "POST" and not _is_json(headers.get(b"content-type", b"")):
+        has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
+        if scope["method"] == "POST" and has_body and not _is_json(headers.get(b"content-type", b"")):
             await _send_json(send, 415, error_body(
                 "send the body as JSON, with 'Content-Type: application/json'", "invalid_request_error",
                 None, "unsupported_media_type"))

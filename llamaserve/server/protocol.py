@@ -279,8 +279,9 @@ class CompletionRequest(_Sampling):
 
 class PredictRequest(_Sampling):
     # The schema says what the route checks: a non-empty prompt or query.
-    model_config = ConfigDict(json_schema_extra={"anyOf": [{"required": ["prompt"]},
-                                                           {"required": ["query"]}]})
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string", "minLength": 1}}},
+        {"required": ["query"], "properties": {"query": {"type": "string", "minLength": 1}}}]})
 
     prompt: str | None = None
     query: str | None = None  # the original project's clients also send "query"
@@ -290,9 +291,14 @@ class PredictRequest(_Sampling):
 
 
 class TokenizeRequest(_Request):
+    # The schema says what the route checks: a prompt or some messages.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]})
+
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
 
 
