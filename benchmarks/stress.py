@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import psutil
 import uvicorn
+from engine_throughput import cpu_name  # benchmarks/ is on sys.path when run as a script
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.async_engine import AsyncEngine
@@ -256,8 +257,7 @@ def main() -> None:
     base = LLMEngine.from_model(None, EngineConfig(max_num_seqs=4, kv_cache_memory=0.05))
     base.grammars.tokenizer  # noqa: B018  (as `llamaserve serve` does at start-up)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "?")
+    cpu = cpu_name()
     lines = ["# Reliability", "",
              f"`.venv/bin/python benchmarks/stress.py --requests {args.requests} --disconnects "
              f"{args.disconnects}` (`make stress` runs the defaults, 10,000 and 1,000), commit "

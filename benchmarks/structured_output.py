@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import socket
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from typing import Any
 
 import jsonschema
 import uvicorn
+from engine_throughput import cpu_name  # benchmarks/ is on sys.path when run as a script
 from openai import AsyncOpenAI
 
 from llamaserve.config import EngineConfig
@@ -59,14 +59,6 @@ SCHEMA: dict[str, Any] = {
 TOPICS = ["a baker in Lyon", "a retired pilot", "a student of physics", "a gardener", "a chess player",
           "a nurse in Oslo", "a painter", "a software engineer", "a fisherman", "a violin teacher",
           "a marathon runner", "a librarian", "a chef in Rome", "a farmer", "a journalist", "a carpenter"]
-
-
-def _cpu() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            flags = open("/proc/cpuinfo").read()
-            return line.split(":", 1)[1].strip() + (" (AVX-512)" if "avx512f" in flags else " (AVX2)")
-    return platform.processor()
 
 
 Round = tuple[float, int, int, float, int]  # seconds, tokens, valid outputs, steady seconds, steady chunks
@@ -208,8 +200,8 @@ def main() -> None:
     server.should_exit = True
     async_engine.shutdown()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-    print(f"CPU: {_cpu()}; commit {commit.strip()}; {args.streams} streams, max_tokens {args.max_tokens}, "
-          f"{args.rounds} rounds each, alternating")
+    print(f"CPU: {cpu_name()}; commit {commit.strip()}; {args.streams} streams, max_tokens "
+          f"{args.max_tokens}, {args.rounds} rounds each, alternating")
     rate, steady = {}, {}
     for structured, rows in results.items():
         seconds, tokens = sum(r[0] for r in rows), sum(r[1] for r in rows)

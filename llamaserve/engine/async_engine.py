@@ -98,13 +98,19 @@ class RequestStream:
     queue: asyncio.Queue
     started: float = field(default_factory=time.monotonic)
     first_token: float | None = None
-    usage: Usage = field(default_factory=Usage)
     _final: dict[int, RequestOutput] = field(default_factory=dict)
     _open: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self._open = set(range(len(self.ids)))
         weakref.finalize(self, self.engine._close, list(self.ids), self._open)
+
+    @property
+    def usage(self) -> Usage:
+        """Token counts so far, from each prompt's latest output (they are cumulative)."""
+        finals = self._final.values()
+        return Usage(sum(o.prompt_tokens for o in finals), sum(o.completion_tokens for o in finals),
+                     sum(o.cached_tokens for o in finals))
 
     @property
     def ttft(self) -> float | None:
@@ -123,9 +129,6 @@ class RequestStream:
         if self.first_token is None and any(c.token_ids for c in out.outputs):
             self.first_token = time.monotonic()
         self._final[i] = out
-        finals = self._final.values()
-        self.usage = Usage(sum(o.prompt_tokens for o in finals), sum(o.completion_tokens for o in finals),
-                           sum(o.cached_tokens for o in finals))
         if out.finished:
             self._open.discard(i)
             self.engine._finished(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -33,7 +33,6 @@ from llamaserve.server.protocol import (
     Usage,
 )
 from llamaserve.server.serving import (
-    SSE_DONE,
     Choice,
     ClientDisconnected,
     chat_logprobs,
@@ -43,7 +42,7 @@ from llamaserve.server.serving import (
     new_id,
     record,
     sse,
-    sse_error,
+    sse_frame,
     unless_disconnected,
 )
 from llamaserve.server.tools import ToolCallParser, ToolPlan, chat_messages, plan_tools
@@ -199,9 +198,8 @@ def _chat_choice(engine: AsyncEngine, c: Choice, plan: ToolPlan | None, logprobs
                       stop_reason=c.stop_reason)
 
 
-async def _chat_stream(request: Request, engine: AsyncEngine, stream: RequestStream, n: int,
-                       plan: ToolPlan | None, rid: str, created: int,
-                       include_usage: bool) -> AsyncIterator[bytes]:
+def _chat_stream(request: Request, engine: AsyncEngine, stream: RequestStream, n: int, plan: ToolPlan | None,
+                 rid: str, created: int, include_usage: bool) -> AsyncIterator[bytes]:
     state = _state(request)
     parsers = {i: ToolCallParser(plan.native) for i in range(n)} if plan else {}
 
@@ -209,10 +207,10 @@ async def _chat_stream(request: Request, engine: AsyncEngine, stream: RequestStr
         return sse(ChatCompletionChunk(id=rid, created=created, model=state.model_name, choices=choices,
                                        usage=usage))
 
-    for i in range(n):
-        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""), logprobs=None,
-                                     finish_reason=None)])
-    try:
+    async def body() -> AsyncGenerator[bytes, None]:
+        for i in range(n):
+            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""),
+                                         logprobs=None, finish_reason=None)])
         async for d in choice_deltas(stream, n):
             delta = ChatDelta(content=d.text) if d.text else ChatDelta()
             reason = d.finish_reason
@@ -225,13 +223,8 @@ async def _chat_stream(request: Request, engine: AsyncEngine, stream: RequestStr
                     continue  # the calls' JSON around a call: nothing for the client yet
             lp = chat_logprobs(engine.tokenizer, d.logprobs) if d.logprobs else None
             yield chunk([ChatChunkChoice(index=d.index, delta=delta, logprobs=lp, finish_reason=reason)])
-    except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
-        yield sse_error(e)
-    finally:  # also when the client leaves mid-stream (the generator is closed)
-        totals = record(request, state, rid, stream)
-    if include_usage:
-        yield chunk([], totals)
-    yield SSE_DONE
+
+    return sse_frame(request, state, rid, stream, body(), (lambda u: chunk([], u)) if include_usage else None)
 
 
 @router.post("/v1/completions", response_model=None)
@@ -274,16 +267,15 @@ async def _completion_prompts(engine: AsyncEngine, prompt: Any, max_prompts: int
     return [list(p) for p in prompt]
 
 
-async def _completion_stream(request: Request, engine: AsyncEngine, stream: RequestStream, n: int,
-                             echo: list[str], rid: str, created: int,
-                             include_usage: bool) -> AsyncIterator[bytes]:
+def _completion_stream(request: Request, engine: AsyncEngine, stream: RequestStream, n: int,
+                       echo: list[str], rid: str, created: int, include_usage: bool) -> AsyncIterator[bytes]:
     state = _state(request)
     offsets: dict[int, int] = {}
 
     def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> bytes:
         return sse(Completion(id=rid, created=created, model=state.model_name, choices=choices, usage=usage))
 
-    try:
+    async def body() -> AsyncGenerator[bytes, None]:
         async for d in choice_deltas(stream, n):
             text = d.text
             if d.index not in offsets:
@@ -293,10 +285,5 @@ async def _completion_stream(request: Request, engine: AsyncEngine, stream: Requ
             offsets[d.index] += len(text)
             yield chunk([CompletionChoice(index=d.index, text=text, logprobs=lp,
                                           finish_reason=d.finish_reason)])
-    except (ValueError, RuntimeError) as e:  # reported in-band: the 200 header has gone out already
-        yield sse_error(e)
-    finally:  # also when the client leaves mid-stream (the generator is closed)
-        totals = record(request, state, rid, stream)
-    if include_usage:
-        yield chunk([], totals)
-    yield SSE_DONE
+
+    return sse_frame(request, state, rid, stream, body(), (lambda u: chunk([], u)) if include_usage else None)

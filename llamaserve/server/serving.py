@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -114,6 +114,24 @@ def record(request: Request, state: AppState, rid: str, stream: RequestStream) -
     state.metrics.observe_request(ttft, time.monotonic() - stream.started, u.prompt_tokens,
                                   u.completion_tokens)
     return usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+
+
+async def sse_frame(request: Request, state: AppState, rid: str, stream: RequestStream,
+                    body: AsyncGenerator[bytes, None],
+                    usage_chunk: Callable[[Usage], bytes] | None) -> AsyncIterator[bytes]:
+    """An API's chunks, then what every stream ends with: an in-band error if the run failed (the 200
+    header has gone out already), the metrics (also when the client leaves), the usage chunk, [DONE]."""
+    try:
+        async for chunk in body:
+            yield chunk
+    except (ValueError, RuntimeError) as e:
+        yield sse_error(e)
+    finally:
+        await body.aclose()  # closes the engine stream too (choice_deltas' own finally)
+        totals = record(request, state, rid, stream)
+    if usage_chunk is not None:
+        yield usage_chunk(totals)
+    yield SSE_DONE
 
 
 def sse(payload: BaseModel | dict[str, Any]) -> bytes:

@@ -10,7 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -38,18 +41,29 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> No
     raise AssertionError(f"no healthy server on {url} after {timeout} s")
 
 
-def test_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
+@contextmanager
+def serve_process(tmp_path: Path, *flags: str, env: dict[str, str] | None = None,
+                  ) -> Iterator[tuple[str, subprocess.Popen, IO[str]]]:
+    """`llamaserve serve` on a free port with `flags`, healthy; killed on exit if it is still running."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "server.log").open("w+")
-    env = os.environ | {"LLAMASERVE_API_KEYS": "env-key", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llamaserve.cli", "serve", "--port", str(port), "--drain-timeout", "20",
-         "--api-key", "cli-key", "--kv-cache-memory", "0.05", "--max-num-seqs", "4"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "llamaserve.cli", "serve", "--port", str(port), *flags],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}))
     try:
+        url = f"http://127.0.0.1:{port}"
         wait_healthy(url, proc)
+        yield url, proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
+    flags = ("--drain-timeout", "20", "--api-key", "cli-key", "--kv-cache-memory", "0.05",
+             "--max-num-seqs", "4")
+    with serve_process(tmp_path, *flags, env={"LLAMASERVE_API_KEYS": "env-key"}) as (url, proc, log):
         for key in ("cli-key", "env-key"):  # both sources of keys are accepted
             r = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
             assert r.status_code == 200
@@ -93,10 +107,6 @@ def test_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     log.seek(0)
     output = log.read()
     access = [json.loads(line.split("llamaserve.access INFO ", 1)[1]) for line in output.splitlines()
@@ -107,16 +117,8 @@ def test_sigterm_drains_then_exits_0(tmp_path: Path) -> None:
 
 def test_streams_cut_at_the_drain_deadline_end_in_band(tmp_path: Path) -> None:
     """A stream still running at the deadline gets an error event and [DONE]; no traceback in the log."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "server.log").open("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llamaserve.cli", "serve", "--port", str(port), "--drain-timeout", "1",
-         "--kv-cache-memory", "0.05", "--max-num-seqs", "2"],
-        stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"},
-    )
-    try:
-        wait_healthy(url, proc)
+    flags = ("--drain-timeout", "1", "--kv-cache-memory", "0.05", "--max-num-seqs", "2")
+    with serve_process(tmp_path, *flags) as (url, proc, log):
         events: list[str] = []
         started = threading.Event()
 
@@ -138,10 +140,6 @@ def test_streams_cut_at_the_drain_deadline_end_in_band(tmp_path: Path) -> None:
         error = json.loads(events[-2])["error"]
         assert "drain timeout" in error["message"] and error["type"] == "service_unavailable"
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     log.seek(0)
     output = log.read()
     assert "Traceback" not in output and "CancelledError" not in output, output[-3000:]

@@ -21,6 +21,7 @@ from openai import AsyncOpenAI, OpenAI
 from pydantic import BaseModel, Field
 
 from tests.e2e.conftest import MODEL, Live
+from tests.e2e.test_openai_sdk import result
 
 MAX_TOKENS = 160  # a bound on CPU time; every schema below completes well inside it
 NAME = {"type": "string", "minLength": 1, "maxLength": 20}
@@ -161,11 +162,6 @@ def runs(server: Live) -> dict[str, Any]:
     return asyncio.run(main())
 
 
-def result(runs: dict[str, Any], name: str) -> Any:
-    value = runs[name]
-    if isinstance(value, BaseException):
-        raise value
-    return value
 
 
 # -- response_format ------------------------------------------------------------------------------
