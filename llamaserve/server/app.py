@@ -221,8 +221,12 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                     responses["413"] = error("Body over --max-body-bytes")
                     responses["415"] = error("Body not JSON")
                     responses["429"] = error("Queue full (Retry-After says when to retry)")
-                if "{" in name:
+                if "{" in name or method == "post":
                     responses["404"] = error("No such model")
+                if name == "/health":  # its own shape, open to all: {"status": "loading" | "draining" | ...}
+                    responses.pop("401")
+                    responses["503"] = {"description": "Loading, draining, or the engine failed", "content": {
+                        "application/json": {"schema": {"type": "object", "required": ["status"]}}}}
         schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
             "type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["message", "type"],

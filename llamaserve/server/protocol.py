@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,14 +19,25 @@ from llamaserve.engine.sampling_params import SamplingParams, StructuredOutput
 
 class _Request(BaseModel):
     # A field we do not know is refused (400 naming it), never quietly ignored; types are strict
-    # (max_tokens: true is not 1, stream: "yes" is not true).
+    # (max_tokens: true is not 1, stream: "yes" is not true; 16.0 is 16, as JSON Schema has it).
     model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod
     def _unicode_only(cls, data: Any) -> Any:
         _check_text(data)
-        return data
+        return _integral(data)
+
+
+def _integral(value: Any) -> Any:
+    """1.0 is an integer to JSON Schema, as to JSON: an integer field takes it (2.5 is still refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def _check_text(value: Any) -> None:
@@ -46,12 +57,17 @@ def _check_text(value: Any) -> None:
             _check_text(item)
 
 
-def _refuse(request: BaseModel, fields: dict[str, tuple[Any, ...]]) -> None:
-    """400 for an OpenAI field we do not honour, unless it holds one of the values that change nothing."""
-    for name, harmless in fields.items():
-        value = getattr(request, name)
-        if value is not None and value not in harmless:
-            raise ValueError(f"'{name}' is not supported by this server")
+def _refuse(data: Any, fields: dict[str, tuple[Any, ...]]) -> Any:
+    """400 for an OpenAI field we do not honour, unless it holds one of the values that change nothing.
+
+    Run before field validation, so the message names the field; the fields' types admit only those
+    values, so the schema says the same as the server."""
+    if isinstance(data, dict):
+        for name, harmless in fields.items():
+            value = data.get(name)
+            if value is not None and not any(value == h and type(value) is type(h) for h in harmless):
+                raise ValueError(f"'{name}' is not supported by this server")
+    return data
 
 
 class StreamOptions(_Request):
@@ -62,39 +78,43 @@ class StreamOptions(_Request):
 class StructuredOutputs(_Request):
     """vLLM's `structured_outputs` (exactly one of its fields)."""
 
-    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
-    regex: str | None = None
+    json_: dict[str, Any] | Annotated[str, Field(min_length=1)] | None = Field(default=None, alias="json")
+    regex: str | None = Field(default=None, min_length=1)
     choice: list[str] | None = Field(default=None, min_length=1)
-    grammar: str | None = None
+    grammar: str | None = Field(default=None, min_length=1)
     json_object: bool | None = None
 
 
 class _Sampling(_Request):
     """Fields shared by chat, completions and /predict; None means 'the default'."""
 
-    n: int = 1
+    # The ranges SamplingParams.validate checks, stated here so that the schema says them too.
+    n: int = Field(default=1, ge=1, le=16)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                          Field(max_length=16)] | None = None
     seed: int | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]+$")],
+                     Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, json_schema_extra={"propertyNames": {"pattern": r"^[0-9]+$"}})
     user: str | None = None  # an end-user id: accepted, and nothing to honour here
     # vLLM's extras, which many clients already send
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    min_tokens: int = 0
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     structured_outputs: StructuredOutputs | None = None
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # vLLM's: a private cache
-    guided_json: dict[str, Any] | str | None = None  # vLLM's older names for structured_outputs
-    guided_regex: str | None = None
+    guided_json: dict[str, Any] | Annotated[str, Field(min_length=1)] | None = None  # vLLM's older names
+    guided_regex: str | None = Field(default=None, min_length=1)
     guided_choice: list[str] | None = Field(default=None, min_length=1)
-    guided_grammar: str | None = None
+    guided_grammar: str | None = Field(default=None, min_length=1)
 
     def structured(self) -> StructuredOutput | None:
         """The output constraint asked for through vLLM's fields (at most one)."""
@@ -146,8 +166,15 @@ class _Sampling(_Request):
 
 # -- chat: messages, tools, response formats ------------------------------------------------------
 class ContentPart(_Request):
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type") != "text":
+            raise ValueError(f"content part of type {data.get('type')!r} is not supported (text only)")
+        return data
 
 
 class FunctionCall(BaseModel):
@@ -175,12 +202,7 @@ class ChatMessage(_Request):
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.type != "text" or part.text is None:
-                raise ValueError(f"content part of type {part.type!r} is not supported (text only)")
-            parts.append(part.text)
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class FunctionDefinition(_Request):
@@ -212,6 +234,10 @@ class JsonSchemaFormat(_Request):
 
 
 class ResponseFormat(_Request):
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"type": {"const": "json_schema"}}},
+        "then": {"required": ["json_schema"], "properties": {"json_schema": {"type": "object"}}}})
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -226,6 +252,11 @@ class ResponseFormat(_Request):
 
 
 class ChatCompletionRequest(_Sampling):
+    # The schema says what plan_tools checks: a tool_choice other than "none" needs tools.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": [None, "none"]}}}},
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}})
+
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -238,43 +269,45 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # OpenAI's, accepted where their value changes nothing here, refused otherwise
-    store: bool | None = None
+    store: Literal[False] | None = None
     metadata: dict[str, str] | None = None  # OpenAI keeps it only with store: nothing to keep here
-    service_tier: str | None = None
+    service_tier: Literal["auto", "default"] | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    modalities: list[str] | None = None
-    audio: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
-    functions: Any = None
-    function_call: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
+    modalities: list[Literal["text"]] | None = Field(default=None, min_length=1, max_length=1)
+    audio: None = None
+    prediction: None = None
+    web_search_options: None = None
+    functions: None = None
+    function_call: None = None
+    reasoning_effort: None = None
+    verbosity: None = None
 
-    @model_validator(mode="after")
-    def _honoured_only(self) -> ChatCompletionRequest:
-        _refuse(self, {"store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],),
-                       "audio": (), "prediction": (), "web_search_options": (), "functions": (),
-                       "function_call": (), "reasoning_effort": (), "verbosity": ()})
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _honoured_only(cls, data: Any) -> Any:
+        return _refuse(data, {"store": (False,), "service_tier": ("auto", "default"),
+                              "modalities": (["text"],), "audio": (), "prediction": (),
+                              "web_search_options": (), "functions": (), "function_call": (),
+                              "reasoning_effort": (), "verbosity": ()})
 
 
 class CompletionRequest(_Sampling):
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | \
+        Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    suffix: Literal[""] | None = None
+    best_of: Literal[1] | None = None
 
-    @model_validator(mode="after")
-    def _honoured_only(self) -> CompletionRequest:
-        _refuse(self, {"suffix": ("",), "best_of": (1,)})
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _honoured_only(cls, data: Any) -> Any:
+        return _refuse(data, {"suffix": ("",), "best_of": (1,)})
 
 
 class PredictRequest(_Sampling):

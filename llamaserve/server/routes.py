@@ -136,7 +136,7 @@ async def detokenize(req: DetokenizeRequest, request: Request) -> dict[str, Any]
 
 @router.post("/predict")
 async def predict(req: PredictRequest, request: Request) -> PredictResponse:
-    text = req.prompt if req.prompt is not None else req.query
+    text = req.prompt or req.query
     if not text:
         raise ValueError("give a non-empty 'prompt' (or 'query')")
     engine = _state(request).ready_engine()

@@ -17,6 +17,7 @@ from llamaserve.engine.async_engine import AsyncEngine
 from llamaserve.engine.llm_engine import LLMEngine
 from llamaserve.loader.registry import DEFAULT_MODEL
 from llamaserve.server.app import attach_engine, create_app
+from llamaserve.server.connections import uvicorn_config
 from llamaserve.server.settings import server_settings
 
 log = logging.getLogger("llamaserve")
@@ -81,9 +82,11 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = server_settings(args)
     app = create_app(None, settings)
-    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                           access_log=False, timeout_graceful_shutdown=5),
-                            app, settings.drain_timeout)
+    http = uvicorn_config(app, read_timeout=settings.read_timeout,
+                            limit_concurrency=settings.limit_concurrency, host=settings.host,
+                            port=settings.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = DrainingServer(http, app, settings.drain_timeout)
     failure: list[BaseException] = []
 
     def load() -> None:

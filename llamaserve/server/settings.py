@@ -21,6 +21,8 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted; () accepts any
     cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-site; () sends no CORS headers
     step_timeout: float = 300.0  # an engine step running longer is a failure (exit 3)
+    read_timeout: float = 30.0  # seconds a client has to send a whole request (headers and body)
+    limit_concurrency: int = 1024  # open connections / running requests before 503
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -35,6 +37,10 @@ class ServerSettings:
             raise ValueError("API keys must be non-empty")
         if self.step_timeout <= 0:
             raise ValueError(f"step_timeout must be > 0, got {self.step_timeout}")
+        if self.read_timeout <= 0:
+            raise ValueError(f"read_timeout must be > 0, got {self.read_timeout}")
+        if self.limit_concurrency < 1:
+            raise ValueError(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
         if self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
 
@@ -65,6 +71,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "bound to loopback, any otherwise)")
     p.add_argument("--step-timeout", type=float, default=d.step_timeout,
                    help="seconds one engine step may run before the engine counts as failed (exit 3)")
+    p.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                   help="seconds a client has to send a whole request, headers and body (then closed)")
+    p.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
+                   help="open connections (or running requests) beyond which requests get 503")
     p.add_argument("--cors-origins", default="",
                    help="comma-separated browser origins allowed cross-site ('*' for any); default none")
 
@@ -80,7 +90,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout,
         served_model_name=args.served_model_name, log_requests=not args.no_access_log,
         max_prompts=args.max_prompts, allowed_hosts=hosts, step_timeout=args.step_timeout,
-        cors_origins=_names(args.cors_origins),
+        cors_origins=_names(args.cors_origins), read_timeout=args.read_timeout,
+        limit_concurrency=args.limit_concurrency,
     )
 
 

@@ -131,10 +131,14 @@ def chat_messages(req: ChatCompletionRequest, plan: ToolPlan | None, template: s
 
 
 def _arguments(text: str) -> Any:
+    """A past call's arguments for the template: parsed JSON; {} for none; else the text as it was (as
+    for OpenAI, the field is an opaque string: a history is replayed, not judged)."""
+    if not text.strip():
+        return {}
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        raise ValueError(f"a tool call's arguments must be JSON, got {text[:80]!r}") from None
+        return text
 
 
 def _call_name(messages: list[ChatMessage], result: ChatMessage) -> str:

@@ -21,6 +21,7 @@ from llamaserve.config import EngineConfig
 from llamaserve.engine.async_engine import AsyncEngine
 from llamaserve.engine.llm_engine import LLMEngine
 from llamaserve.server.app import create_app
+from llamaserve.server.connections import uvicorn_config
 from llamaserve.server.settings import ServerSettings
 
 MODEL = "smollm2-135m-instruct"
@@ -51,7 +52,7 @@ def serve_app(app: FastAPI, engine: AsyncEngine, key: str = KEY) -> Iterator[Liv
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    config = uvicorn_config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}",
                               daemon=True)

@@ -3,6 +3,7 @@ tenant isolation of the prefix cache, prompt caps and texts far larger than the 
 
 from __future__ import annotations
 
+import jsonschema
 import pytest
 from starlette.testclient import TestClient
 
@@ -114,7 +115,7 @@ def test_a_text_far_larger_than_the_context_is_refused_before_tokenizing(body: d
 
 
 @pytest.mark.parametrize("field,value", [("max_tokens", True), ("stream", "yes"), ("temperature", "0.5"),
-                                         ("n", 1.0), ("logprobs", 1)])
+                                         ("n", 1.5), ("logprobs", 1)])
 def test_types_are_strict(field: str, value: object) -> None:
     client, engine = make()
     r = client.post("/v1/chat/completions", json=CHAT | {field: value})
@@ -140,3 +141,28 @@ def test_the_openapi_schema_says_what_the_server_answers() -> None:
     predict = schema["components"]["schemas"]["PredictRequest"]
     assert [branch["required"] for branch in predict["anyOf"]] == [["prompt"], ["query"]]
     assert client.post("/predict", json={}).status_code == 400  # outside the schema, and refused
+
+
+@pytest.mark.parametrize("path,field,value,harmless", [
+    ("/v1/chat/completions", "modalities", [], ["text"]), ("/v1/chat/completions", "store", True, False),
+    ("/v1/chat/completions", "service_tier", "flex", "auto"), ("/v1/chat/completions", "verbosity", {}, None),
+    ("/v1/completions", "best_of", 2, 1), ("/v1/completions", "suffix", "x", "")])
+def test_fields_we_do_not_honour_are_refused_by_name_and_the_schema_admits_only_their_harmless_values(
+        path: str, field: str, value: object, harmless: object) -> None:
+    client, engine = make()
+    body = CHAT if "chat" in path else {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    r = client.post(path, json=body | {field: value})
+    assert r.status_code == 400 and f"'{field}' is not supported" in r.json()["error"]["message"], r.text
+    assert engine.calls == []
+    assert client.post(path, json=body | {field: harmless}).status_code == 200
+    name = "ChatCompletionRequest" if "chat" in path else "CompletionRequest"
+    prop = client.get("/openapi.json").json()["components"]["schemas"][name]["properties"][field]
+    jsonschema.validate(harmless, prop)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(value, prop)
+
+
+def test_an_integral_float_is_an_integer_as_in_json_schema() -> None:
+    client, engine = make()
+    assert client.post("/v1/chat/completions", json=CHAT | {"max_tokens": 3.0, "n": 1.0}).status_code == 200
+    assert engine.calls[-1].params.max_tokens == 3
