@@ -3,41 +3,44 @@ RELIABILITY.md.
 
     .venv/bin/python benchmarks/stress.py [--requests 10000] [--disconnects 1000] [--out RELIABILITY.md]
 
-One uvicorn server in this process on 127.0.0.1 (the embedded model), run twice: tiny limits
-(--max-num-seqs 4, --max-queue 8) and the defaults. Phases, each bounded in count and time:
+`llamaserve serve` in a child process on 127.0.0.1 (the embedded model; its gauges read from /metrics
+and /health, its RSS from the OS), run twice: tiny limits (--max-num-seqs 4, --max-queue 8) and the
+defaults. Phases, each bounded in count and time:
 1. mixed load: `--requests` requests (chat, completions, /predict; streamed or not; every fourth chat
    with a json_schema) from 4x as many clients as the server holds (running + queue), counting 5xx,
-   incomplete accepted requests, and 429s without Retry-After; /health sampled every 50 ms throughout;
+   incomplete accepted requests, and 429s without Retry-After (a client waits what Retry-After says,
+   capped at 2 s, before its next request, as the official SDKs do); /health sampled every 50 ms;
 2. `--disconnects` streams dropped after their first chunk: afterwards no KV block in use, the running
    and waiting gauges 0, RSS within 5 % of before;
 3. slow readers (streams read one chunk a second) beside normal clients: the normal clients' TTFT p99
-   against a run without the slow readers.
+   against a run without the slow readers;
+4. SIGTERM under load: every accepted stream ends with [DONE] (finished, or an in-band error at the
+   drain deadline), requests after the signal get 503 or a refused connection, the process exits 0.
+Then once: 200 GGUF mutants through the CLI under a memory limit (benchmarks/gguf_mutants.py), and
+schemathesis with all checks (tests/e2e/test_schemathesis.py with 200 examples per operation).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
-import threading
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf_mutants  # benchmarks/ is on sys.path when run as a script
 import httpx
 import psutil
-import uvicorn
-from engine_throughput import cpu_name  # benchmarks/ is on sys.path when run as a script
-
-from llamaserve.config import EngineConfig
-from llamaserve.engine.async_engine import AsyncEngine
-from llamaserve.engine.llm_engine import LLMEngine
-from llamaserve.server.app import create_app
-from llamaserve.server.settings import ServerSettings
+from engine_throughput import cpu_name
 
 MODEL = "smollm2-135m-instruct"
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 40}},
@@ -100,6 +103,8 @@ async def _one(client: httpx.AsyncClient, rng: random.Random, tally: Tally) -> N
     if status == 429:
         tally.refused_429 += 1
         tally.refused_429_without_retry_after += "retry-after" not in headers
+        # as the official SDKs do: wait what Retry-After says (capped here at 2 s) before the next try
+        await asyncio.sleep(min(2.0, float(headers.get("retry-after", 1))))
     elif status >= 500:
         tally.server_errors += 1
     else:
@@ -189,47 +194,133 @@ async def _ttft_p99(url: str, clients: int, rounds: int, slow: int) -> float:
     return statistics.quantiles(ttfts, n=100, method="inclusive")[98]
 
 
-def _serve(engine: LLMEngine, settings: ServerSettings) -> tuple[str, AsyncEngine, uvicorn.Server]:
-    async_engine = AsyncEngine(engine)
-    async_engine.start()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(async_engine, settings, MODEL), log_level="error"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", async_engine, server
+class ServerProcess:
+    """`llamaserve serve` as a user starts it, on a free loopback port."""
+
+    def __init__(self, flags: list[str]) -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.TemporaryFile()
+        command = [sys.executable, "-m", "llamaserve.cli", "serve", "--port", str(self.port),
+                   "--no-access-log"]
+        self.proc = subprocess.Popen(command + flags, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {self.output()[-2000:]}")
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def gauges(self) -> dict[str, float]:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("llamaserve_num_requests_"):
+                name, value = line.split()
+                values[name] = float(value)
+        health = httpx.get(f"{self.url}/health", timeout=10).json()
+        values["blocks_in_use"] = health["kv_cache"]["blocks_in_use"]
+        return values
+
+    def idle(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(self.gauges().values()):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def _idle(async_engine: AsyncEngine, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        s = async_engine.stats
-        if not (async_engine.num_in_flight or s.blocks_in_use or s.num_running or s.num_waiting):
-            return True
-        time.sleep(0.1)
-    return False
+async def _sigterm(server: ServerProcess, streams: int, drain: float) -> str:
+    """Streams in flight, then SIGTERM: how each ended, what later requests got, how the process exited."""
+    short = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 24, "stream": True}
+    long = short | {"max_tokens": 1500, "ignore_eos": True}  # these run into the drain deadline
+    ended = {"finished": 0, "in-band error": 0, "not ended properly": 0, "refused": 0}
+    later: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=streams + 8)
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+        async def one(body: dict[str, Any]) -> None:
+            try:
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        await r.aread()
+                        ended["refused"] += 1
+                        return
+                    lines = [x async for x in r.aiter_lines() if x.startswith("data: ")]
+            except httpx.TransportError:
+                ended["not ended properly"] += 1
+                return
+            done = bool(lines) and lines[-1] == "data: [DONE]"
+            error = any('"error"' in x for x in lines)
+            ended["not ended properly" if not done else "in-band error" if error else "finished"] += 1
+
+        tasks = [asyncio.create_task(one(long if i % 4 == 0 else short)) for i in range(streams)]
+        await asyncio.sleep(2.0)
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        for _ in range(20):  # while draining: 503, or a refused connection once it has closed
+            try:
+                r = await client.post("/v1/completions", json=short | {"stream": False})
+                key = str(r.status_code)
+            except httpx.TransportError:
+                key = "connection refused"
+            later[key] = later.get(key, 0) + 1
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*tasks)
+    code = await asyncio.to_thread(server.proc.wait, drain + 30)
+    took = time.monotonic() - signalled
+    tracebacks = server.output().count("Traceback")
+    return (f"- SIGTERM with {streams} streams in flight (a quarter of them 1,500 tokens long, "
+            f"--drain-timeout {drain:g}): {ended['finished']} finished, {ended['in-band error']} ended "
+            f"with an in-band error and [DONE] at the deadline, **{ended['not ended properly']} not ended "
+            "properly**, "
+            f"{ended['refused']} refused when sent; requests after the signal: "
+            f"{', '.join(f'{v} {k}' for k, v in sorted(later.items()))}; exit status {code} after "
+            f"{took:.1f} s; {tracebacks} tracebacks in the log")
 
 
-def run_limits(name: str, engine_config: EngineConfig, settings: ServerSettings, args: argparse.Namespace,
-               base: LLMEngine) -> list[str]:
-    engine = LLMEngine(base.runner.model, base.tokenizer, engine_config)
-    url, async_engine, server = _serve(engine, settings)
-    clients = min(256, 4 * (engine_config.max_num_seqs + settings.max_queue))  # 4x what it holds, <= 256
-    tally, health, seconds = asyncio.run(_mixed(url, args.requests, clients, args.seed))
-    idle_after_load = _idle(async_engine)
-    rss_before = psutil.Process().memory_info().rss
-    started = asyncio.run(_disconnects(url, args.disconnects, clients))
-    idle = _idle(async_engine)
-    rss_after = psutil.Process().memory_info().rss
-    slow = max(1, engine_config.max_num_seqs // 4)  # slow readers hold a quarter of the running slots
-    base_p99 = asyncio.run(_ttft_p99(url, 4, 5, 0))
-    slow_p99 = asyncio.run(_ttft_p99(url, 4, 5, slow))
-    server.should_exit = True
-    async_engine.shutdown()
+def run_limits(name: str, flags: list[str], max_num_seqs: int, max_queue: int,
+               args: argparse.Namespace) -> list[str]:
+    drain = 10.0
+    server = ServerProcess(flags + ["--max-num-seqs", str(max_num_seqs), "--max-queue", str(max_queue),
+                                    "--drain-timeout", str(drain)])
+    try:
+        clients = min(256, 4 * (max_num_seqs + max_queue))  # 4x what it holds, <= 256
+        tally, health, seconds = asyncio.run(_mixed(server.url, args.requests, clients, args.seed))
+        idle_after_load = server.idle()
+        rss_before = server.rss()
+        started = asyncio.run(_disconnects(server.url, args.disconnects, clients))
+        idle = server.idle()
+        rss_after = server.rss()
+        slow = max(1, max_num_seqs // 4)  # slow readers hold a quarter of the running slots
+        base_p99 = asyncio.run(_ttft_p99(server.url, 4, 5, 0))
+        slow_p99 = asyncio.run(_ttft_p99(server.url, 4, 5, slow))
+        sigterm = asyncio.run(_sigterm(server, 2 * max_num_seqs + max_queue // 2, drain))
+    finally:
+        server.stop()
     p99 = statistics.quantiles(health, n=100, method="inclusive")[98] * 1000 if len(health) > 2 else 0.0
     return [
-        f"### {name}: --max-num-seqs {engine_config.max_num_seqs}, --max-queue {settings.max_queue}",
+        f"### {name}: --max-num-seqs {max_num_seqs}, --max-queue {max_queue}",
         "",
         f"- mixed load: {tally.sent} requests from {clients} clients in {seconds:.0f} s: {tally.ok} "
         "complete, "
@@ -243,30 +334,44 @@ def run_limits(name: str, engine_config: EngineConfig, settings: ServerSettings,
         f"{rss_after / 2**20:.0f} MiB ({(rss_after / rss_before - 1) * 100:+.1f} %)",
         f"- TTFT p99 of 4 normal clients: {base_p99 * 1000:.0f} ms alone, {slow_p99 * 1000:.0f} ms beside "
         f"{slow} slow readers ({slow_p99 / base_p99:.2f}x)",
+        sigterm,
         "",
     ]
+
+
+def _schemathesis(examples: int) -> str:
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/e2e/test_schemathesis.py"], capture_output=True, text=True,
+                       env=os.environ | {"LLAMASERVE_FUZZ_EXAMPLES": str(examples)})
+    last = (r.stdout.strip().splitlines() or ["no output"])[-1]
+    return (f"- schemathesis, all checks, {examples} examples per operation "
+            f"(`LLAMASERVE_FUZZ_EXAMPLES={examples} pytest tests/e2e/test_schemathesis.py`): {last} "
+            f"({time.perf_counter() - start:.0f} s)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--disconnects", type=int, default=1000)
+    ap.add_argument("--mutants", type=int, default=200)
+    ap.add_argument("--fuzz-examples", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="RELIABILITY.md")
     args = ap.parse_args()
-    base = LLMEngine.from_model(None, EngineConfig(max_num_seqs=4, kv_cache_memory=0.05))
-    base.grammars.tokenizer  # noqa: B018  (as `llamaserve serve` does at start-up)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-    cpu = cpu_name()
     lines = ["# Reliability", "",
              f"`.venv/bin/python benchmarks/stress.py --requests {args.requests} --disconnects "
-             f"{args.disconnects}` (`make stress` runs the defaults, 10,000 and 1,000), commit "
-             f"{commit.strip()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, "
-             f"{psutil.cpu_count()} cores, the embedded SmolLM2-135M, loopback only.", ""]
-    lines += run_limits("tiny limits", EngineConfig(max_num_seqs=4, kv_cache_memory=0.05),
-                        ServerSettings(max_queue=8, log_requests=False), args, base)
-    lines += run_limits("default limits", EngineConfig(kv_cache_memory=0.25),
-                        ServerSettings(log_requests=False), args, base)
+             f"{args.disconnects} --mutants {args.mutants} --fuzz-examples {args.fuzz_examples}` (`make "
+             f"stress` runs the defaults), commit {commit.strip()}, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_name()}, {psutil.cpu_count()} "
+             "cores, the embedded SmolLM2-135M, loopback only.", ""]
+    lines += run_limits("tiny limits", ["--kv-cache-memory", "0.05"], 4, 8, args)
+    lines += run_limits("default limits", ["--kv-cache-memory", "0.25"], 64, 256, args)
+    lines += ["### hostile files and bodies", ""]
+    outcomes = gguf_mutants.run(args.mutants, args.seed, 2.0)
+    lines += gguf_mutants.summary(outcomes, 2.0)
+    lines += [_schemathesis(args.fuzz_examples), ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 

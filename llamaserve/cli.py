@@ -236,6 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, ValueError) as e:
         print(f"llamaserve: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:
+        print(f"llamaserve: error: out of memory ({e or 'an allocation failed'}); try a smaller "
+              "--kv-cache-memory or --max-model-len", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torch reports a failed allocation as a RuntimeError
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e).lower():
+            raise
+        print(f"llamaserve: error: out of memory ({str(e).splitlines()[0][:200]}); try a smaller "
+              "--kv-cache-memory or --max-model-len", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

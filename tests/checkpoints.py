@@ -128,6 +128,7 @@ def write_gguf(
     tokens: list[str] | None = None,
     rope_scaling_factor: float | None = None,
     eos_token_id: int | None = None,
+    scores: bool = True,
 ) -> Path:
     """A GGUF file with the `{arch}.*` metadata llama.cpp writes for a llama model, and the tensors."""
     c = hf_config
@@ -151,6 +152,8 @@ def write_gguf(
     if tokens is not None:
         w.add_tokenizer_model("llama")
         w.add_token_list(tokens)
+        if scores:
+            w.add_token_scores([0.0] * len(tokens))
     if eos_token_id is not None:
         w.add_eos_token_id(eos_token_id)
     for name, (data, kind) in tensors.items():

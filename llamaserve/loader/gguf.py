@@ -111,7 +111,27 @@ def read_config(path: Path) -> tuple[ModelConfig, dict[str, Any], GGUFReader]:
     vocab_len = len(tokens.data) if tokens is not None else 0
     cfg = config_from_metadata(meta, {t.name for t in reader.tensors}, vocab_len)
     check_token_ids(meta, vocab_len)
+    check_tokenizer_fields(meta, reader)
     return cfg, meta, reader
+
+
+def check_tokenizer_fields(meta: dict[str, Any], reader: GGUFReader) -> None:
+    """The arrays the file's tokenizer model needs are there, one entry per token (checked before loading)."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in ("llama", "gpt2"):
+        return  # the tokenizer loader names an unsupported or missing model
+    names = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+             "tokenizer.ggml.merges")
+    arrays = {k: len(reader.fields[k].data) for k in names if k in reader.fields}
+    needed = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores" if kind == "llama" else
+              "tokenizer.ggml.merges")
+    for key in needed:
+        if key not in arrays:
+            raise ModelLoadError(f"GGUF metadata: a {kind} tokenizer needs {key}, which the file lacks")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if key in arrays and arrays[key] != arrays["tokenizer.ggml.tokens"]:
+            raise ModelLoadError(f"GGUF metadata: {key} has {arrays[key]} entries for "
+                                 f"{arrays['tokenizer.ggml.tokens']} tokens")
 
 
 def check_against_tensors(cfg: ModelConfig, reader: GGUFReader) -> None:

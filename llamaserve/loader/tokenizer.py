@@ -123,7 +123,11 @@ def _from_gguf(path: Path, meta: dict[str, Any] | None = None) -> tuple[Any, lis
     sentencepiece = meta["tokenizer.ggml.model"] == "llama" and bool(prefix)
     fresh = not (cached / "tokenizer.json").is_file()
     if fresh:
-        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except (KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"{path.name}: cannot build the tokenizer from its GGUF vocabulary "
+                                 f"({type(e).__name__}: {e})") from e
     else:
         hf = AutoTokenizer.from_pretrained(str(cached))
     if sentencepiece:

@@ -167,3 +167,11 @@ def test_cli_info_with_a_missing_model_prints_the_error_without_a_traceback(tmp_
     assert result.stdout == ""
     assert f"model {str(missing)!r} not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_llama_vocabulary_without_scores_is_one_line_not_a_key_error(tmp_path, model) -> None:
+    tokens = [f"t{i}" for i in range(model.config.vocab_size)]
+    path = write_gguf(tmp_path / "noscores.gguf", model.config, gguf_tensors(model, QT.F16), tokens=tokens,
+                      scores=False)
+    with pytest.raises(ModelLoadError, match=r"a llama tokenizer needs tokenizer\.ggml\.scores"):
+        load_model(str(path))
