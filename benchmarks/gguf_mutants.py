@@ -5,13 +5,14 @@
 The source is written here: Llama 2's layout and metadata (SentencePiece vocabulary with scores and
 token types, BOS/EOS ids, Q8_0 and F32 tensors) at a tiny size, so that a mutant loads in about a second
 (the embedded model's 49,152-token vocabulary takes the gguf reader ~8 s to parse; the checks run on the
-same code whatever the size). Half structural (a cut anywhere, flipped header bytes, huge counts,
-string and array lengths, bad tensor dims, types and offsets, another version), half metadata (llama.*
-and tokenizer values set to 0, 1, 2^31, 2^32-1, NaN, inf, -1, ids outside the vocabulary, another
-architecture). Every mutant is run as `llamaserve generate --model MUTANT --max-tokens 1 hi` in a child process forked from one that has
-imported llamaserve already (no 10 s start per mutant), under RLIMIT_AS = the child's address space at
-fork + --memory-gib. Pass: exit 2 with one line `llamaserve: error: ...` (or exit 0: a mutant that is
-still a valid model); fail: anything else (a traceback, a signal, a hang past 120 s, a second line).
+same code whatever the size). Half structural (a cut anywhere, flipped header bytes, huge counts, string
+and array lengths, bad tensor dims, types and offsets, another version), half metadata (llama.* and
+tokenizer values set to 0, 1, 2^31, 2^32-1, NaN, inf, -1, ids outside the vocabulary, another
+architecture). Every mutant is run as `llamaserve generate --model MUTANT --max-tokens 1 hi` in a child
+process forked from one that has imported llamaserve already (no 10 s start per mutant), under RLIMIT_AS
+= the child's address space at fork + --memory-gib. Pass: exit 2 with one line `llamaserve: error: ...`
+(or exit 0: a mutant that is still a valid model); fail: anything else (a traceback, a signal, a hang
+past 120 s, a second line).
 """
 
 from __future__ import annotations
