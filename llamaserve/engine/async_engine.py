@@ -11,18 +11,33 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from llamaserve.config import ModelConfig
 from llamaserve.engine.llm_engine import LLMEngine
 from llamaserve.engine.outputs import RequestOutput
 from llamaserve.engine.sampling_params import SamplingParams
 from llamaserve.engine.structured import Grammar
 from llamaserve.loader.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from llamaserve.loader.weights import ModelSource
+
 log = logging.getLogger("llamaserve.engine")
 
 
 class EngineDeadError(RuntimeError):
     """The engine thread failed; no request can be served until a restart."""
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    """Resolve a future from the event loop's side, unless its waiter has gone."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 # Deltas a request's queue may hold unread: a client this far behind (a slow or stalled reader) is
@@ -68,6 +83,17 @@ class _Abort:
 @dataclass(slots=True)
 class _FailAll:
     message: str
+
+
+@dataclass(slots=True)
+class _Embed:
+    """Embeddings of some prompts, run on the engine thread between steps, one prompt per step."""
+
+    prompts: list[list[int]]
+    pooling: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    done: list[list[float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -146,7 +172,9 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine) -> None:
         self._engine = engine
-        self._commands: queue.SimpleQueue[_Add | _Abort | _FailAll] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _FailAll | _Embed] = queue.SimpleQueue()
+        self._embeds: list[_Embed] = []  # engine thread only
+        self._embeds_queued = 0  # prompts of embedding requests not done yet (under _lock)
         self._wake = threading.Event()
         self._targets: dict[str, _Target] = {}
         self._lock = threading.Lock()  # guards _targets and _queued
@@ -161,6 +189,15 @@ class AsyncEngine:
         self._step_started: float | None = None  # when the running step began (None between steps)
 
     # -- what the server reads ------------------------------------------------------------------
+    @property
+    def source(self) -> ModelSource | None:
+        """Where the model came from (a loader ModelSource), or None for an engine built in code."""
+        return self._engine.source
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._engine.model_config
+
     @property
     def tokenizer(self) -> Tokenizer:
         return self._engine.tokenizer
@@ -232,6 +269,62 @@ class AsyncEngine:
         self._wake.set()
         return RequestStream(self, ids, out)
 
+    async def embed(self, prompts: list[list[int]], pooling: str = "mean",
+                    max_queue: int | None = None) -> list[list[float]]:
+        """L2-normalised embeddings ("mean" or "last" pooling) of token-id prompts, computed on the engine
+        thread between generation steps (one prompt per step, no KV cache), so generation keeps going.
+        ValueError for a bad prompt, QueueFull past `max_queue` prompts waiting for embeddings."""
+        if self.error is not None:
+            raise EngineDeadError(self.error)
+        if pooling not in ("mean", "last"):
+            raise ValueError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+        vocab = self._engine.model_config.vocab_size
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("an input to embed is empty")
+            if len(prompt) > self.max_model_len:
+                raise ValueError(f"an input has {len(prompt)} tokens, more than the context length "
+                                 f"({self.max_model_len}); it is not truncated")
+            if any(not 0 <= t < vocab for t in prompt):
+                raise ValueError(f"token ids must be in 0..{vocab - 1}")
+        loop = asyncio.get_running_loop()
+        job = _Embed(prompts, pooling, loop, loop.create_future())
+        with self._lock:
+            if max_queue is not None and self._embeds_queued + len(prompts) > max(max_queue, len(prompts)):
+                raise QueueFull(self._embeds_queued, max_queue, 1)
+            self._embeds_queued += len(prompts)
+        self._commands.put(job)
+        self._wake.set()
+        try:
+            return await asyncio.shield(job.future)
+        finally:
+            if not job.future.done():
+                job.future.cancel()  # the client left: the engine thread drops the rest
+
+    def _embed_one(self) -> None:
+        """The next prompt of the oldest embedding request (engine thread)."""
+        job = self._embeds[0]
+        if job.future.cancelled():  # the client left
+            self._embeds.pop(0)
+            self._embedded(len(job.prompts) - len(job.done))
+            return
+        try:
+            job.done.append(self._engine.runner.embed(job.prompts[len(job.done)], job.pooling))
+        except Exception as e:  # this request's failure, not the engine's
+            log.exception("embedding failed")
+            self._embeds.pop(0)
+            self._embedded(len(job.prompts) - len(job.done))
+            job.loop.call_soon_threadsafe(_settle, job.future, None, RuntimeError(f"embedding failed: {e}"))
+            return
+        self._embedded(1)
+        if len(job.done) == len(job.prompts):
+            self._embeds.pop(0)
+            job.loop.call_soon_threadsafe(_settle, job.future, job.done, None)
+
+    def _embedded(self, count: int) -> None:
+        with self._lock:
+            self._embeds_queued -= count
+
     def _admit(self, new: int, max_queue: int | None) -> None:
         """One waiting count: queued here plus the scheduler's; free running slots take some at once."""
         if max_queue is None:
@@ -287,7 +380,13 @@ class AsyncEngine:
         while not self._stop:
             try:
                 self._apply_commands()
+                if self._embeds:  # watched like a step (--step-timeout)
+                    self._step_started = time.monotonic()
+                    self._embed_one()
+                    self._step_started = None
                 if not self._engine.has_unfinished:
+                    if self._embeds:
+                        continue
                     self._update_stats(0)
                     self._wake.wait(0.5)
                     self._wake.clear()
@@ -313,6 +412,13 @@ class AsyncEngine:
                 return
             if isinstance(cmd, _FailAll):
                 self._deliver(self._engine.fail_all(cmd.message))
+                for job in self._embeds:
+                    job.loop.call_soon_threadsafe(_settle, job.future, None, EngineDeadError(cmd.message))
+                self._embedded(sum(len(j.prompts) - len(j.done) for j in self._embeds))
+                self._embeds.clear()
+                continue
+            if isinstance(cmd, _Embed):
+                self._embeds.append(cmd)
                 continue
             if isinstance(cmd, _Abort):
                 out = self._engine.abort_request(cmd.request_id)
@@ -353,6 +459,8 @@ class AsyncEngine:
             targets = list(self._targets.values())
         for t in targets:
             t.loop.call_soon_threadsafe(t.queue.put_nowait, (t.index, error))
+        for job in list(self._embeds):  # settling twice is harmless; the engine thread owns the list
+            job.loop.call_soon_threadsafe(_settle, job.future, None, error)
 
     def _update_stats(self, new_tokens: int, finished: int = 0) -> None:
         now = time.monotonic()

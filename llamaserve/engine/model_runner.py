@@ -183,6 +183,14 @@ class ModelRunner:
         log.info("compiled the forward for %d step shapes in %.1f s", len(classes), seconds)
 
     @torch.inference_mode()
+    def embed(self, token_ids: list[int], pooling: str) -> list[float]:
+        """An L2-normalised embedding of one sequence: the mean of its final hidden states, or the last
+        one (`pooling` "mean" | "last"); prefill only, no KV block used."""
+        hidden = self.model.hidden_states(torch.tensor(token_ids, dtype=torch.long, device=self.device))
+        pooled = hidden.float().mean(dim=0) if pooling == "mean" else hidden[-1].float()
+        return torch.nn.functional.normalize(pooled, dim=0).tolist()  # type: ignore[no-any-return]
+
+    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run every scheduled chunk; return float32 logits [S, vocab] for the S chunks that sample.
 

@@ -45,22 +45,26 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> str:
-        """The prompt text, rendered exactly as transformers' apply_chat_template renders it."""
+                    tools: list[dict[str, Any]] | None = None, continue_final: bool = False) -> str:
+        """The prompt text, rendered exactly as transformers' apply_chat_template renders it.
+
+        `continue_final`: the last message is an assistant's reply to continue (a prefill), left open."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template: use the completions API or --chat-template")
         try:
             return self.hf.apply_chat_template(
                 messages, chat_template=self.chat_template, tokenize=False,
-                add_generation_prompt=add_generation_prompt, tools=tools,
+                add_generation_prompt=add_generation_prompt and not continue_final, tools=tools,
+                continue_final_message=continue_final,
             )
         except Exception as e:  # jinja2 errors, raise_exception() in templates
             raise ValueError(f"chat template failed: {e}") from e
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None, continue_final: bool = False) -> list[int]:
         # transformers tokenizes a rendered template without adding special tokens again.
-        return self.encode(self.render_chat(messages, add_generation_prompt, tools), add_special_tokens=False)
+        text = self.render_chat(messages, add_generation_prompt, tools, continue_final)
+        return self.encode(text, add_special_tokens=False)
 
 
 def cache_dir() -> Path:

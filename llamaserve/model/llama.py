@@ -152,6 +152,23 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, meta, cache, i)
         return self.norm(x)
 
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One sequence [T] run without the KV cache (causal attention over itself, nothing kept): its
+        final hidden states [T, hidden], for embeddings."""
+        x, cos, sin = self.embed(input_ids, torch.arange(input_ids.shape[0], device=input_ids.device))
+        for block in self.layers:
+            a = cast(Attention, block.attention)
+            T, H, Hkv, D = x.shape[0], a.n_heads, a.n_kv, a.head_dim
+            qkv = a.wqkv(block.attention_norm(x))
+            qk = apply_rope(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
+            q = qk[:, :H].transpose(0, 1)  # [H, T, D]
+            k = qk[:, H:].transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
+            v = qkv[:, (H + Hkv) * D :].view(T, Hkv, D).transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(T, H * D)
+            h = x + a.wo(o.to(x.dtype))
+            x = h + block.feed_forward(block.ffn_norm(h))
+        return self.norm(x)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""
         return self.output(hidden).float()

@@ -16,9 +16,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamaserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStats, QueueFull
+from llamaserve.server import anthropic, embeddings, ollama, responses
 from llamaserve.server.auth import BodyTooLarge, GuardMiddleware
 from llamaserve.server.metrics import Metrics
-from llamaserve.server.protocol import error_body
+from llamaserve.server.protocol import error_for_path
 from llamaserve.server.routes import router
 from llamaserve.server.settings import ServerSettings
 
@@ -61,23 +62,24 @@ class AppState:
         return self.engine
 
     def check_model(self, model: str | None) -> None:
-        if model and model != self.model_name:
+        if model and model != self.model_name and model != f"{self.model_name}:latest":  # Ollama's tag
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            "not_found_error", "model", "model_not_found")
 
 
-def _error(status: int, message: str, type_: str, param: str | None = None, code: Any = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
+def _error(request: Request, status: int, message: str, type_: str, param: str | None = None,
+           code: Any = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = error_for_path(request.url.path, status, message, type_, param, code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return _error(e.status, e.message, e.type, e.param, e.code, e.headers)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return _error(request, e.status, e.message, e.type, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
@@ -86,39 +88,39 @@ def _install_error_handlers(app: FastAPI) -> None:
             msg = "request body is not valid JSON"
         elif first.get("type") == "extra_forbidden":
             msg = "unrecognized request field (this server refuses fields it would otherwise ignore)"
-        return _error(400, f"{param}: {msg}" if param else msg, "invalid_request_error", param)
+        return _error(request, 400, f"{param}: {msg}" if param else msg, "invalid_request_error", param)
 
     @app.exception_handler(ValueError)
-    async def bad_value(_: Request, e: ValueError) -> JSONResponse:
-        return _error(400, str(e), "invalid_request_error")
+    async def bad_value(request: Request, e: ValueError) -> JSONResponse:
+        return _error(request, 400, str(e), "invalid_request_error")
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, e: QueueFull) -> JSONResponse:
         request.app.state.llamaserve.metrics.rejected.inc()
-        return _error(429, str(e), "rate_limit_error", code="queue_full",
+        return _error(request, 429, str(e), "rate_limit_error", code="queue_full",
                       headers={"Retry-After": str(e.retry_after)})
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, _: BodyTooLarge) -> JSONResponse:
         limit = request.app.state.llamaserve.settings.max_body_bytes
-        return _error(413, f"request body exceeds {limit} bytes", "invalid_request_error",
+        return _error(request, 413, f"request body exceeds {limit} bytes", "invalid_request_error",
                       code="request_too_large")
 
     @app.exception_handler(EngineDeadError)
-    async def dead(_: Request, e: EngineDeadError) -> JSONResponse:
-        return _error(503, str(e), "service_unavailable", code="engine_failed")
+    async def dead(request: Request, e: EngineDeadError) -> JSONResponse:
+        return _error(request, 503, str(e), "service_unavailable", code="engine_failed")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         detail = "no such route" if e.status_code == 404 else str(e.detail)
         headers = dict(e.headers) if e.headers else None  # a 405 keeps its Allow header
-        return _error(e.status_code, detail, kind, headers=headers)
+        return _error(request, e.status_code, detail, kind, headers=headers)
 
     @app.exception_handler(Exception)
-    async def crash(_: Request, e: Exception) -> JSONResponse:
+    async def crash(request: Request, e: Exception) -> JSONResponse:
         logging.getLogger("llamaserve").exception("unhandled error")
-        return _error(500, f"internal error: {type(e).__name__}", "internal_error")
+        return _error(request, 500, f"internal error: {type(e).__name__}", "internal_error")
 
 
 class AccessLogMiddleware:
@@ -166,7 +168,7 @@ class AccessLogMiddleware:
 def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name: str = "") -> FastAPI:
     """Build the app; `engine` may be attached later with attach_engine (503s until then)."""
     app = FastAPI(title="llamaserve", version="0.1.0", description="OpenAI-compatible Llama server")
-    state = AppState(settings, Metrics(lambda: state.stats()))
+    state = AppState(settings, Metrics(lambda: state.stats(), lambda: state.model_name))
     app.state.llamaserve = state
     if engine is not None:
         attach_engine(app, engine, model_name)
@@ -195,6 +197,8 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)
+    for api in (anthropic, responses, ollama, embeddings):
+        app.include_router(api.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -206,18 +210,21 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
         schema = get_openapi(title=app.title, version=app.version, description=app.description,
                              routes=app.routes)
-        def error(description: str) -> dict[str, Any]:
-            return {"description": description, "content": {"application/json": {"schema": {
-                "$ref": "#/components/schemas/Error"}}}}
-
         for name, path in schema.get("paths", {}).items():
+            shape = "AnthropicError" if name.startswith("/v1/messages") else "OllamaError" if \
+                name.startswith("/api/") else "Error"
+
+            def error(description: str, shape: str = shape) -> dict[str, Any]:
+                return {"description": description, "content": {"application/json": {"schema": {
+                    "$ref": f"#/components/schemas/{shape}"}}}}
+
             for method, operation in path.items():
                 responses = operation.setdefault("responses", {})
                 responses.pop("422", None)
                 responses["401"] = error("Missing or invalid API key")
                 responses["503"] = error("Loading, draining, or the engine failed")
                 if method == "post":
-                    responses["400"] = error("Invalid request (OpenAI's error shape)")
+                    responses["400"] = error("Invalid request (in this API's error shape)")
                     responses["413"] = error("Body over --max-body-bytes")
                     responses["415"] = error("Body not JSON")
                     responses["429"] = error("Queue full (Retry-After says when to retry)")
@@ -227,11 +234,19 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                     responses.pop("401")
                     responses["503"] = {"description": "Loading, draining, or the engine failed", "content": {
                         "application/json": {"schema": {"type": "object", "required": ["status"]}}}}
-        schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = {
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["Error"] = {
             "type": "object", "required": ["error"], "properties": {"error": {
                 "type": "object", "required": ["message", "type"],
                 "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                                "param": {"type": ["string", "null"]}, "code": {}}}}}
+        schemas["AnthropicError"] = {
+            "type": "object", "required": ["type", "error"], "properties": {
+                "type": {"const": "error"}, "error": {"type": "object", "required": ["type", "message"],
+                                                      "properties": {"type": {"type": "string"},
+                                                                     "message": {"type": "string"}}}}}
+        schemas["OllamaError"] = {"type": "object", "required": ["error"],
+                                  "properties": {"error": {"type": "string"}}}
         app.openapi_schema = schema
     return app.openapi_schema
 

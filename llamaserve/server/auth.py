@@ -9,7 +9,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-from llamaserve.server.protocol import error_body
+from llamaserve.server.protocol import error_for_path
 
 OPEN_PATHS = frozenset({"/health"})
 
@@ -38,10 +38,13 @@ class GuardMiddleware:
         """Which key the request carries (-1: no key needed), None when it carries no valid one."""
         if not self.keys or scope["path"] in OPEN_PATHS:
             return -1
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        headers = dict(scope.get("headers") or [])
+        header = headers.get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer":
-            return None
+            if b"x-api-key" not in headers:  # Anthropic's clients send the key so
+                return None
+            token = headers[b"x-api-key"]
         matches = [hmac.compare_digest(token.strip(), k) for k in self.keys]  # every key, in constant time
         return matches.index(True) if any(matches) else None
 
@@ -51,34 +54,33 @@ class GuardMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         if self.hosts and _host_name(headers.get(b"host", b"")) not in self.hosts:
-            await _send_json(send, 400, error_body(
+            await _send_json(send, 400, error_for_path(
+                scope["path"], 400,
                 "the Host header names a host this server does not answer for (see --allowed-hosts)",
                 "invalid_request_error", None, "host_not_allowed"))
             return
         key = self._key_index(scope)
         if key is None:
-            await _send_json(send, 401, error_body(
-                "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                "authentication_error", None, "invalid_api_key"),
+            await _send_json(send, 401, error_for_path(
+                scope["path"], 401, "missing or invalid API key: send 'Authorization: Bearer <key>' (or "
+                "'x-api-key: <key>')", "authentication_error", None, "invalid_api_key"),
                 [(b"www-authenticate", b"Bearer")])
             return
         # The tenant, for the prefix cache: requests under different keys never share cached blocks.
         scope.setdefault("state", {})["tenant"] = None if key < 0 else f"key-{key}"
         has_body = headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
         if scope["method"] == "POST" and has_body and not _is_json(headers.get(b"content-type", b"")):
-            await _send_json(send, 415, error_body(
-                "send the body as JSON, with 'Content-Type: application/json'", "invalid_request_error",
-                None, "unsupported_media_type"))
+            await _send_json(send, 415, error_for_path(
+                scope["path"], 415, "send the body as JSON, with 'Content-Type: application/json'",
+                "invalid_request_error", None, "unsupported_media_type"))
             return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await _send_json(send, 413, self._too_large())
+            await _send_json(send, 413, error_for_path(
+                scope["path"], 413, f"request body exceeds {self.max_body} bytes", "invalid_request_error",
+                None, "request_too_large"))
             return
         await self.app(scope, self._limited(receive), send)
-
-    def _too_large(self) -> dict:
-        return error_body(f"request body exceeds {self.max_body} bytes", "invalid_request_error",
-                          None, "request_too_large")
 
     def _limited(self, receive: Any) -> Any:
         seen = 0

@@ -15,32 +15,50 @@ _TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3
 
 
 class _EngineCollector(Collector):
-    """Gauges and engine-lifetime counters read from the engine at scrape time."""
+    """Gauges and engine-lifetime counters read from the engine at scrape time, under our names and, as
+    compatibility aliases for routers that pick replicas by them (llm-d's endpoint picker, KServe), under
+    vLLM's names and label (`vllm:num_requests_running{model_name="..."}`, same types and meaning)."""
 
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], model_name: Callable[[], str]) -> None:
         self._stats = stats
+        self._model_name = model_name
 
     def collect(self) -> Iterator:
         s = self._stats()
-        yield GaugeMetricFamily("llamaserve_num_requests_running", "Sequences in the running batch",
-                                value=s.num_running)
-        yield GaugeMetricFamily("llamaserve_num_requests_waiting", "Sequences waiting to be scheduled",
-                                value=s.num_waiting)
-        yield GaugeMetricFamily("llamaserve_kv_cache_usage_perc", "Fraction of KV-cache blocks in use",
-                                value=s.kv_cache_usage)
-        yield CounterMetricFamily("llamaserve_prefix_cache_queries", "Prompt tokens looked up in the "
-                                  "prefix cache", value=s.prefix_query_tokens)
-        yield CounterMetricFamily("llamaserve_prefix_cache_hits", "Prompt tokens found in the prefix cache",
-                                  value=s.prefix_hit_tokens)
+        # (family, name, help, our value, vLLM's value): vLLM counts running requests, we count sequences
+        rows = [
+            (GaugeMetricFamily, "num_requests_running", "Sequences in the running batch", s.num_running,
+             s.num_running_requests),  # vLLM's: requests with a sequence running
+            (GaugeMetricFamily, "num_requests_waiting", "Sequences waiting to be scheduled", s.num_waiting,
+             s.num_waiting),
+            (GaugeMetricFamily, "kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1)",
+             s.kv_cache_usage, s.kv_cache_usage),
+            (CounterMetricFamily, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+             s.prefix_query_tokens, s.prefix_query_tokens),
+            (CounterMetricFamily, "prefix_cache_hits", "Prompt tokens found in the prefix cache",
+             s.prefix_hit_tokens, s.prefix_hit_tokens),
+        ]
+        for family, name, doc, value, _ in rows:
+            yield family(f"llamaserve_{name}", doc, value=value)
+        model = self._model_name()
+        for family, name, doc, _, value in rows:
+            alias = family(f"vllm:{name}", f"vLLM's name, with vLLM's meaning ({doc.lower()})",
+                           labels=["model_name"])
+            alias.add_metric([model], value)
+            yield alias
+        old = GaugeMetricFamily("vllm:gpu_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1), "
+                                "vLLM's older name of vllm:kv_cache_usage_perc", labels=["model_name"])
+        old.add_metric([model], s.kv_cache_usage)
+        yield old
         yield CounterMetricFamily("llamaserve_num_preemptions", "Sequences preempted (their KV blocks freed, "
                                   "to be recomputed) because the pool ran out", value=s.num_preemptions)
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], model_name: Callable[[], str] = lambda: "") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.registry.register(_EngineCollector(stats))
+        self.registry.register(_EngineCollector(stats, model_name))
         self.prompt_tokens = Counter("llamaserve_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("llamaserve_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("llamaserve_requests", "Finished requests by route and HTTP status",

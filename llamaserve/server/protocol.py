@@ -40,6 +40,9 @@ def _integral(value: Any) -> Any:
     return value
 
 
+StrictRequest = _Request  # the base of every API's request models
+
+
 def _check_text(value: Any) -> None:
     """JSON may escape a lone UTF-16 surrogate ("\\ud800"); that is no text, and tokenizers reject it."""
     if isinstance(value, str):
@@ -268,6 +271,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    continue_final_message: bool = False  # vLLM's: continue the last (assistant) message, a prefill
     # OpenAI's, accepted where their value changes nothing here, refused otherwise
     store: Literal[False] | None = None
     metadata: dict[str, str] | None = None  # OpenAI keeps it only with store: nothing to keep here
@@ -441,3 +445,24 @@ class PredictResponse(BaseModel):
 
 def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                         415: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    return {"type": "error", "error": {"type": ANTHROPIC_ERROR_TYPES.get(status, "api_error"),
+                                       "message": message}}
+
+
+def error_for_path(path: str, status: int, message: str, type_: str, param: str | None = None,
+                   code: Any = None) -> dict[str, Any]:
+    """The error in the shape of the API the path belongs to: Anthropic's on /v1/messages, Ollama's on
+    /api/, OpenAI's everywhere else."""
+    if path.startswith("/v1/messages"):
+        return anthropic_error(status, message)
+    if path.startswith("/api/"):
+        return {"error": message}
+    return error_body(message, type_, param, code)

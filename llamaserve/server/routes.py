@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -33,6 +34,7 @@ from llamaserve.server.protocol import (
     Usage,
 )
 from llamaserve.server.serving import (
+    SSE_OR_JSON,
     Choice,
     ClientDisconnected,
     chat_logprobs,
@@ -57,6 +59,9 @@ def _state(request: Request) -> AppState:
     return request.app.state.llamaserve  # type: ignore[no-any-return]
 
 
+state_of = _state  # for the other APIs' routers
+
+
 # No token of any vocabulary we serve is this long, so a text with more characters than this times the
 # context cannot fit: refused before it is tokenized.
 MAX_CHARS_PER_TOKEN = 32
@@ -69,17 +74,19 @@ def _check_size(engine: AsyncEngine, num_chars: int) -> None:
                          f"{engine.max_model_len} tokens can hold (at most {limit} characters are read)")
 
 
-async def _encode(engine: AsyncEngine, text: str, add_special_tokens: bool = True) -> list[int]:
+async def encode_text(engine: AsyncEngine, text: str, add_special_tokens: bool = True) -> list[int]:
     """Tokenize on a worker thread: a long text must not stall the event loop for every other client."""
     _check_size(engine, len(text))
     return await asyncio.to_thread(engine.tokenizer.encode, text, add_special_tokens)
 
 
 async def _encode_chat(engine: AsyncEngine, messages: list[dict[str, Any]],
-                       tools: list[dict[str, Any]] | None = None) -> list[int]:
+                       tools: list[dict[str, Any]] | None = None, continue_final: bool = False) -> list[int]:
     """Render the chat template and tokenize it on a worker thread, after the size check."""
     _check_size(engine, sum(len(str(m.get("content") or "")) for m in messages) + len(str(tools or "")))
-    return await asyncio.to_thread(engine.tokenizer.encode_chat, messages, True, tools)
+    if continue_final and (not messages or messages[-1]["role"] != "assistant"):
+        raise ValueError("continue_final_message needs an assistant message last")
+    return await asyncio.to_thread(engine.tokenizer.encode_chat, messages, True, tools, continue_final)
 
 
 async def _start(request: Request, prompts: list[list[int]], params: SamplingParams) -> RequestStream:
@@ -120,7 +127,7 @@ async def tokenize(req: TokenizeRequest, request: Request) -> dict[str, Any]:
         ids = await _encode_chat(engine, chat_messages(ChatCompletionRequest(messages=req.messages), None,
                                                        tok.chat_template))
     elif req.prompt is not None:
-        ids = await _encode(engine, req.prompt, req.add_special_tokens)
+        ids = await encode_text(engine, req.prompt, req.add_special_tokens)
     else:
         raise ValueError("give 'prompt' or 'messages'")
     return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
@@ -141,7 +148,7 @@ async def predict(req: PredictRequest, request: Request) -> PredictResponse:
         raise ValueError("give a non-empty 'prompt' (or 'query')")
     engine = _state(request).ready_engine()
     if req.raw or engine.tokenizer.chat_template is None:
-        ids = await _encode(engine, text)
+        ids = await encode_text(engine, text)
     else:
         system = [{"role": "system", "content": req.system}] if req.system else []
         ids = await _encode_chat(engine, system + [{"role": "user", "content": text}])
@@ -153,45 +160,105 @@ async def predict(req: PredictRequest, request: Request) -> PredictResponse:
                            usage=record(request, _state(request), rid, stream))
 
 
-@router.post("/v1/chat/completions", response_model=None)
-async def chat(req: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
-    state = _state(request)
-    state.check_model(req.model)
-    engine = state.ready_engine()
-    template = engine.tokenizer.chat_template
-    plan = plan_tools(req, template)
-    ids = await _encode_chat(engine, chat_messages(req, plan, template), plan.tools if plan and plan.native
-                             else None)
+@dataclass(slots=True)
+class ChatRun:
+    """A chat request admitted into the engine: what every API that chats formats its answer from."""
+
+    engine: AsyncEngine
+    plan: ToolPlan | None  # the tools offered, and how the model writes calls
+    params: SamplingParams
+    stream: RequestStream
+    prompt_tokens: int
+
+
+async def start_chat(request: Request, req: ChatCompletionRequest, context_limit: int | None = None,
+                     default_temperature: float = 1.0) -> ChatRun:
+    """Template, tools, grammar and admission of a chat request (OpenAI's, or one translated into it).
+
+    `context_limit` (Ollama's num_ctx) is a context smaller than the model's for this request: the
+    prompt and max_tokens must fit in it (no silent truncation), and max_tokens defaults to what is left.
+    """
+    _state(request).check_model(req.model)
+    return await start_prompt(request, req, await chat_prompt(request, req), context_limit,
+                              default_temperature)
+
+
+async def start_prompt(request: Request, req: ChatCompletionRequest, ids: list[int],
+                       context_limit: int | None = None, default_temperature: float = 1.0) -> ChatRun:
+    """Admit `ids` (the chat request's prompt, or a raw one) with the request's sampling and tools."""
+    engine = _state(request).ready_engine()
+    plan = plan_tools(req, engine.tokenizer.chat_template)
     structured = plan.grammar() if plan else req.response_format.structured() if req.response_format else None
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs, structured)
-    stream = await _start(request, [ids], params)
+    params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs, structured,
+                                 default_temperature)
+    if context_limit is not None:
+        params = _within(params, len(ids), context_limit)
+    return ChatRun(engine, plan, params, await _start(request, [ids], params), len(ids))
+
+
+def _within(params: SamplingParams, prompt_tokens: int, limit: int) -> SamplingParams:
+    room = limit - prompt_tokens
+    if room < 1:
+        raise ValueError(f"the prompt has {prompt_tokens} tokens, which a context of {limit} (num_ctx) "
+                         "cannot hold with room to generate")
+    if params.max_tokens is None:
+        return dataclasses.replace(params, max_tokens=room)
+    if params.max_tokens > room:
+        raise ValueError(f"the prompt has {prompt_tokens} tokens and num_predict is {params.max_tokens}: "
+                         f"{prompt_tokens + params.max_tokens} in all, more than num_ctx {limit}")
+    return params
+
+
+async def chat_prompt(request: Request, req: ChatCompletionRequest) -> list[int]:
+    """The token ids a chat request's prompt becomes (template, tools and all), without running it."""
+    engine = _state(request).ready_engine()
+    template = engine.tokenizer.chat_template
+    plan = plan_tools(req, template)
+    return await _encode_chat(engine, chat_messages(req, plan, template),
+                              plan.tools if plan and plan.native else None, req.continue_final_message)
+
+
+async def collect_choices(request: Request, run: ChatRun) -> list[Choice]:
+    """The whole answer of a non-streamed request ([] if the client left first)."""
+    return await _collect(request, run.stream, run.params.n, 1)
+
+
+def split_calls(text: str, plan: ToolPlan | None) -> tuple[str | None, list[ToolCall] | None]:
+    """A finished choice's text as (content, tool calls)."""
+    if plan is None:
+        return text, None
+    parser = ToolCallParser(plan.native)
+    content, deltas = parser.feed(text)
+    if not parser.num_calls:
+        return content or None, None  # in calls mode the text is the calls (a call cut short shows nothing)
+    calls = [ToolCall(id="", function=FunctionCall(name="", arguments="")) for _ in range(parser.num_calls)]
+    for d in deltas:
+        call = calls[d.index]
+        call.id = d.id or call.id
+        call.function.name = d.function.name or call.function.name
+        call.function.arguments += d.function.arguments or ""
+    return content or None, calls
+
+
+@router.post("/v1/chat/completions", response_model=None, responses=SSE_OR_JSON)
+async def chat(req: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
+    state = _state(request)
+    run = await start_chat(request, req)
     rid, created = new_id("chatcmpl"), int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_chat_stream(request, engine, stream, params.n, plan, rid, created,
-                                              include_usage), media_type="text/event-stream")
-    choices = await _collect(request, stream, params.n, 1)
+        return StreamingResponse(_chat_stream(request, run.engine, run.stream, run.params.n, run.plan, rid,
+                                              created, include_usage), media_type="text/event-stream")
+    choices = await collect_choices(request, run)
+    logprobs = run.params.logprobs is not None
     return ChatCompletion(id=rid, created=created, model=state.model_name,
-                          choices=[_chat_choice(engine, c, plan, logprobs is not None) for c in choices],
-                          usage=record(request, state, rid, stream))
+                          choices=[_chat_choice(run.engine, c, run.plan, logprobs) for c in choices],
+                          usage=record(request, state, rid, run.stream))
 
 
 def _chat_choice(engine: AsyncEngine, c: Choice, plan: ToolPlan | None, logprobs: bool) -> ChatChoice:
-    content: str | None = c.text
-    calls: list[ToolCall] | None = None
-    if plan is not None:
-        parser = ToolCallParser(plan.native)
-        content, deltas = parser.feed(c.text)
-        content = content or None  # in calls mode the text is the calls (a call cut short shows nothing)
-        if parser.num_calls:
-            calls = [ToolCall(id="", function=FunctionCall(name="", arguments=""))
-                     for _ in range(parser.num_calls)]
-            for d in deltas:
-                call = calls[d.index]
-                call.id = d.id or call.id
-                call.function.name = d.function.name or call.function.name
-                call.function.arguments += d.function.arguments or ""
+    content, calls = split_calls(c.text, plan)
     return ChatChoice(index=c.index, message=ChatResponseMessage(content=content, tool_calls=calls),
                       logprobs=chat_logprobs(engine.tokenizer, c.logprobs) if logprobs else None,
                       finish_reason="tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason,
@@ -227,7 +294,7 @@ def _chat_stream(request: Request, engine: AsyncEngine, stream: RequestStream, n
     return sse_frame(request, state, rid, stream, body(), (lambda u: chunk([], u)) if include_usage else None)
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None, responses=SSE_OR_JSON)
 async def completions(req: CompletionRequest, request: Request) -> Completion | StreamingResponse:
     state = _state(request)
     state.check_model(req.model)
@@ -253,7 +320,7 @@ async def completions(req: CompletionRequest, request: Request) -> Completion | 
 
 async def _completion_prompts(engine: AsyncEngine, prompt: Any, max_prompts: int) -> list[list[int]]:
     if isinstance(prompt, str):
-        return [await _encode(engine, prompt)]
+        return [await encode_text(engine, prompt)]
     if not prompt:
         raise ValueError("prompt must not be empty")
     if all(isinstance(p, int) for p in prompt):
@@ -263,7 +330,7 @@ async def _completion_prompts(engine: AsyncEngine, prompt: Any, max_prompts: int
                          "(--max-prompts)")
     if all(isinstance(p, str) for p in prompt):
         _check_size(engine, sum(len(p) for p in prompt))
-        return [await _encode(engine, p) for p in prompt]
+        return [await encode_text(engine, p) for p in prompt]
     return [list(p) for p in prompt]
 
 

@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 SSE_DONE = b"data: [DONE]\n\n"
 
+# What a route that can stream documents for its 200: JSON, or the stream when "stream" says so.
+SSE_OR_JSON = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                     "description": "JSON, or server-sent events with \"stream\": true"}}
+NDJSON_OR_JSON = {200: {"content": {"application/json": {}, "application/x-ndjson": {}},
+                        "description": "NDJSON lines (the default), or JSON with \"stream\": false"}}
+
 
 @dataclass(slots=True)
 class ChoiceDelta:
@@ -116,22 +122,30 @@ def record(request: Request, state: AppState, rid: str, stream: RequestStream) -
     return usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
 
 
-async def sse_frame(request: Request, state: AppState, rid: str, stream: RequestStream,
-                    body: AsyncGenerator[bytes, None],
-                    usage_chunk: Callable[[Usage], bytes] | None) -> AsyncIterator[bytes]:
-    """An API's chunks, then what every stream ends with: an in-band error if the run failed (the 200
-    header has gone out already), the metrics (also when the client leaves), the usage chunk, [DONE]."""
+async def framed(request: Request, state: AppState, rid: str, stream: RequestStream,
+                 body: AsyncGenerator[bytes, None], error_event: Callable[[Exception], bytes],
+                 tail: Callable[[Usage], list[bytes]]) -> AsyncIterator[bytes]:
+    """An API's chunks, then what every stream ends with, in that API's format: an in-band error if the
+    run failed (the 200 header has gone out already), the metrics (also when the client leaves), and the
+    API's closing events, given the usage."""
     try:
         async for chunk in body:
             yield chunk
     except (ValueError, RuntimeError) as e:
-        yield sse_error(e)
+        yield error_event(e)
     finally:
         await body.aclose()  # closes the engine stream too (choice_deltas' own finally)
         totals = record(request, state, rid, stream)
-    if usage_chunk is not None:
-        yield usage_chunk(totals)
-    yield SSE_DONE
+    for chunk in tail(totals):
+        yield chunk
+
+
+def sse_frame(request: Request, state: AppState, rid: str, stream: RequestStream,
+              body: AsyncGenerator[bytes, None],
+              usage_chunk: Callable[[Usage], bytes] | None) -> AsyncIterator[bytes]:
+    """OpenAI's stream ending: an in-band error event, the usage chunk if asked for, [DONE]."""
+    return framed(request, state, rid, stream, body, sse_error,
+                  lambda u: ([usage_chunk(u)] if usage_chunk is not None else []) + [SSE_DONE])
 
 
 def sse(payload: BaseModel | dict[str, Any]) -> bytes:

@@ -23,6 +23,7 @@ class ServerSettings:
     step_timeout: float = 300.0  # an engine step running longer is a failure (exit 3)
     read_timeout: float = 30.0  # seconds a client has to send a whole request (headers and body)
     limit_concurrency: int = 1024  # open connections / running requests before 503
+    embedding_pooling: str = "mean"  # "mean" | "last": how /v1/embeddings pools the hidden states
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -41,6 +42,8 @@ class ServerSettings:
             raise ValueError(f"read_timeout must be > 0, got {self.read_timeout}")
         if self.limit_concurrency < 1:
             raise ValueError(f"limit_concurrency must be >= 1, got {self.limit_concurrency}")
+        if self.embedding_pooling not in ("mean", "last"):
+            raise ValueError(f"embedding_pooling must be 'mean' or 'last', got {self.embedding_pooling!r}")
         if self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
 
@@ -75,6 +78,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="seconds a client has to send a whole request, headers and body (then closed)")
     p.add_argument("--limit-concurrency", type=int, default=d.limit_concurrency,
                    help="open connections (or running requests) beyond which requests get 503")
+    p.add_argument("--embedding-pooling", choices=["mean", "last"], default=d.embedding_pooling,
+                   help="how /v1/embeddings and /api/embed pool the final hidden states")
     p.add_argument("--cors-origins", default="",
                    help="comma-separated browser origins allowed cross-site ('*' for any); default none")
 
@@ -91,7 +96,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         served_model_name=args.served_model_name, log_requests=not args.no_access_log,
         max_prompts=args.max_prompts, allowed_hosts=hosts, step_timeout=args.step_timeout,
         cors_origins=_names(args.cors_origins), read_timeout=args.read_timeout,
-        limit_concurrency=args.limit_concurrency,
+        limit_concurrency=args.limit_concurrency, embedding_pooling=args.embedding_pooling,
     )
 
 

@@ -31,12 +31,16 @@ from tests.e2e.conftest import Live, started_server
 MODEL_LIMITS = re.compile("|".join([
     r"this model's context length is \d+ tokens", r"leaves no room to generate within the context length",
     r"token ids must be in 0\.\.\d+", r"token id \d+ is outside the vocabulary", r"the prompt is empty",
-    r"characters, far more than the context of \d+ tokens can hold"]))
+    r"characters, far more than the context of \d+ tokens can hold", r"more than this model's context length",
+    r"cannot hold with room to generate", r"more than num_ctx", r"more than the context length",
+    r"longer than the context of \d+ tokens"]))
 FIELD_RULES = re.compile("|".join([
     r"give one structured output constraint, not several",
     r"cannot be combined with tools unless tool_choice is 'none'", r"function names must be unique",
     r"which is not in 'tools'", r"min_tokens \(\d+\) must not exceed max_tokens",
-    r"min_tokens cannot be combined with structured output"]))
+    r"min_tokens cannot be combined with structured output", r"cannot hold a tool_(use|result) block",
+    r"'name' goes with type 'tool'", r"cannot be combined with 'raw'",
+    r"continue_final_message needs an assistant message last"]))
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,9 @@ class FakeTokenizer:
         return "".join(chr(i) for i in ids)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
+                    tools: list[dict] | None = None, continue_final: bool = False) -> list[int]:
         self.chats.append((messages, tools))
+        self.continued = continue_final
         return self.encode("".join(str(m.get("content") or "") for m in messages) or "x")
 
 
