@@ -33,10 +33,80 @@ def open_gguf(path: Path) -> GGUFReader:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    check_layout(path)
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, struct errors...
         raise ModelLoadError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from e
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+_STRING, _ARRAY = 8, 9
+
+
+def check_layout(path: Path) -> None:
+    """Walk the header's key/value section and refuse any count or length larger than the bytes left.
+
+    gguf's reader trusts them: an array length of 10^9 in an otherwise valid file keeps it parsing for
+    minutes (or allocating) before it fails. This walk reads only lengths (~50 ms for a 49k-token
+    vocabulary); GGUFReader then parses a file whose sizes are at least possible."""
+    import mmap
+    import struct
+
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        size = len(m)
+        if size < 24:
+            raise ModelLoadError(f"{path} is truncated or corrupt: {size} bytes, shorter than a GGUF "
+                                 "header")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+        if version not in (2, 3):
+            return  # the reader names the version it does not read
+        pos = 24
+
+        def fail(what: str) -> ModelLoadError:
+            return ModelLoadError(f"{path} is truncated or corrupt: {what} at byte {pos} goes past the end "
+                                  f"of the file ({size} bytes)")
+
+        def need(n: int, what: str) -> None:
+            if n < 0 or pos + n > size:
+                raise fail(what)
+
+        def string(what: str) -> None:
+            nonlocal pos
+            need(8, what)
+            (n,) = struct.unpack_from("<Q", m, pos)
+            need(8 + n, what)
+            pos += 8 + n
+
+        if n_kv * 13 > size or n_tensors * 28 > size:  # a key/value or tensor entry's smallest size
+            raise fail(f"a count of {n_kv} key/value pairs and {n_tensors} tensors")
+        for _ in range(n_kv):
+            string("a key")
+            need(4, "a value type")
+            (kind,) = struct.unpack_from("<I", m, pos)
+            pos += 4
+            if kind == _ARRAY:
+                need(12, "an array header")
+                item, count = struct.unpack_from("<IQ", m, pos)
+                pos += 12
+                if item == _STRING:
+                    need(count * 8, f"an array of {count} strings")
+                    for _ in range(count):
+                        string("a string in an array")
+                elif item in _SCALAR_SIZES:
+                    need(count * _SCALAR_SIZES[item], f"an array of {count} values")
+                    pos += count * _SCALAR_SIZES[item]
+                else:
+                    raise ModelLoadError(f"{path} is truncated or corrupt: unknown array item type {item} at "
+                                         f"byte {pos}")
+            elif kind == _STRING:
+                string("a string value")
+            elif kind in _SCALAR_SIZES:
+                need(_SCALAR_SIZES[kind], "a value")
+                pos += _SCALAR_SIZES[kind]
+            else:
+                raise ModelLoadError(f"{path} is truncated or corrupt: unknown value type {kind} at byte "
+                                     f"{pos}")
 
 
 def metadata(reader: GGUFReader) -> dict[str, Any]:
@@ -74,6 +144,17 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], vocab_len
         scaling = RopeScaling("linear", get_float("rope.scaling.factor"))
     elif kind not in (None, "none"):
         raise ModelLoadError(f"unsupported RoPE scaling type {kind!r} in GGUF metadata")
+    head_dim = int(meta.get("llama.attention.key_length", hidden // heads))
+    rope_dim = meta.get("llama.rope.dimension_count")
+    if rope_dim is not None and int(rope_dim) != head_dim:
+        raise ModelLoadError(f"GGUF metadata llama.rope.dimension_count is {rope_dim}, but the head "
+                             f"dimension is {head_dim} (partial rotary embeddings are not supported)")
+    eps, theta = get_float("attention.layer_norm_rms_epsilon", 1e-5), get_float("rope.freq_base", 10000.0)
+    if not (0.0 < eps < 1.0):
+        raise ModelLoadError(f"GGUF metadata llama.attention.layer_norm_rms_epsilon must be in (0, 1), "
+                             f"got {eps}")
+    if not (1.0 <= theta < float("inf")):
+        raise ModelLoadError(f"GGUF metadata llama.rope.freq_base must be a finite number >= 1, got {theta}")
     try:
         return ModelConfig(
             vocab_size=int(meta.get("llama.vocab_size", vocab_len)),
@@ -82,9 +163,9 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str], vocab_len
             num_hidden_layers=int(get("block_count")),
             num_attention_heads=heads,
             num_key_value_heads=int(get("attention.head_count_kv", heads)),
-            head_dim=int(meta.get("llama.attention.key_length", hidden // heads)),
-            rms_norm_eps=get_float("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_theta=get_float("rope.freq_base", 10000.0),
+            head_dim=head_dim,
+            rms_norm_eps=eps,
+            rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=int(get("context_length")),
             tie_word_embeddings="output.weight" not in tensor_names,

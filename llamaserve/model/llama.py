@@ -156,7 +156,8 @@ class Transformer(nn.Module):
         """One sequence [T] run without the KV cache (causal attention over itself, nothing kept): its
         final hidden states [T, hidden], for embeddings."""
         x, cos, sin = self.embed(input_ids, torch.arange(input_ids.shape[0], device=input_ids.device))
-        for block in self.layers:
+        for layer in self.layers:
+            block = cast(Block, layer)
             a = cast(Attention, block.attention)
             T, H, Hkv, D = x.shape[0], a.n_heads, a.n_kv, a.head_dim
             qkv = a.wqkv(block.attention_norm(x))

@@ -18,7 +18,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llamaserve.engine.async_engine import EngineDeadError
-from llamaserve.server.protocol import ChatCompletionRequest, StrictRequest, Usage, anthropic_error
+from llamaserve.server.protocol import (
+    ChatCompletionRequest,
+    StrictRequest,
+    Usage,
+    anthropic_error,
+    chat_request,
+)
 from llamaserve.server.routes import ChatRun, chat_prompt, collect_choices, split_calls, start_chat, state_of
 from llamaserve.server.serving import SSE_OR_JSON, choice_deltas, framed, record
 from llamaserve.server.tools import ToolCallParser
@@ -44,6 +50,8 @@ class ToolUseBlock(StrictRequest):
     name: str
     input: dict[str, Any]
     cache_control: CacheControl | None = None
+    caller: dict[str, Any] | None = None  # the SDK's own blocks, sent back as history, carry these
+    toolset_name: None = None
 
 
 class ToolResultBlock(StrictRequest):
@@ -115,6 +123,12 @@ class OutputConfig(StrictRequest):
 
 
 class CountTokensRequest(StrictRequest):
+    # The schema says what to_chat checks: tool_choice "any" or "tool" needs tools.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["tool_choice"], "properties": {"tool_choice": {
+            "type": "object", "required": ["type"], "properties": {"type": {"enum": ["any", "tool"]}}}}},
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}})
+
     model: str
     messages: list[Message] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
@@ -150,7 +164,7 @@ class CountTokensRequest(StrictRequest):
                     messages.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": b.text()})
             if text or not any(isinstance(b, ToolResultBlock) for b in blocks):
                 messages.append({"role": "user", "content": text})
-        body: dict[str, Any] = {"messages": messages, **sampling}
+        body: dict[str, Any] = {"model": self.model, "messages": messages, **sampling}
         if messages[-1]["role"] == "assistant":  # a prefill: the answer continues it
             body["continue_final_message"] = True
         if self.output_config and self.output_config.format:
@@ -166,7 +180,7 @@ class CountTokensRequest(StrictRequest):
                 "type": "function", "function": {"name": c.name}}
             if c.disable_parallel_tool_use and self.tools:
                 body["parallel_tool_calls"] = False
-        return ChatCompletionRequest.model_validate(body)
+        return chat_request(body)
 
 
 class MessagesRequest(CountTokensRequest):

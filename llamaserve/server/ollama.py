@@ -23,7 +23,15 @@ from pydantic import AliasChoices, Field, model_validator
 
 from llamaserve.engine.async_engine import AsyncEngine
 from llamaserve.server.embeddings import embed_texts
-from llamaserve.server.protocol import ChatCompletionRequest, FunctionCall, StrictRequest, ToolCall, Usage
+from llamaserve.server.protocol import (
+    ChatCompletionRequest,
+    FunctionCall,
+    StrictRequest,
+    ToolCall,
+    ToolDefinition,
+    Usage,
+    chat_request,
+)
 from llamaserve.server.routes import (
     ChatRun,
     collect_choices,
@@ -61,6 +69,12 @@ class Options(StrictRequest):
     repeat_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+
+    @model_validator(mode="after")
+    def _no_zero(self) -> Options:
+        if self.num_predict == 0:
+            raise ValueError("options.num_predict must be positive, -1 or -2, got 0")
+        return self
 
     def sampling(self, max_model_len: int) -> tuple[dict[str, Any], int | None]:
         """(chat-request sampling fields, context limit) — num_ctx above the model's is refused."""
@@ -101,7 +115,8 @@ class _Ollama(StrictRequest):
     def _loaded(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("keep_alive") in (0, "0", "0s", "0m"):
             raise ValueError("keep_alive 0 asks to unload the model; this server keeps its one model loaded")
-        if isinstance(data, dict) and data.get("think"):
+        think = data.get("think") if isinstance(data, dict) else None
+        if think is not None and think is not False:  # true, or 0 / "" that a Literal[False] would pass
             raise ValueError("'think' is not supported: this server runs no thinking models")
         return data
 
@@ -136,7 +151,7 @@ class OllamaMessage(StrictRequest):
 
 class ChatRequest(_Ollama):
     messages: list[OllamaMessage] = []  # none: Ollama's "load the model" request
-    tools: list[dict[str, Any]] | None = None
+    tools: list[ToolDefinition] | None = None  # OpenAI's format, as Ollama has it
 
     def to_chat(self, sampling: dict[str, Any]) -> ChatCompletionRequest:
         messages: list[dict[str, Any]] = []
@@ -157,10 +172,10 @@ class ChatRequest(_Ollama):
             messages.append(entry)
         body: dict[str, Any] = {"model": self.model, "messages": messages, **sampling}
         if self.tools:
-            body["tools"] = self.tools
+            body["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
         if self.response_format():
             body["response_format"] = self.response_format()
-        return ChatCompletionRequest.model_validate(body)
+        return chat_request(body)
 
 
 def _call_for(messages: list[dict[str, Any]], name: str | None, answered: set[str]) -> str | None:
@@ -287,7 +302,7 @@ def _done_reason(finish_reason: str | None) -> str:
 def _ollama_calls(calls: list[Any]) -> list[dict[str, Any]]:
     """Ollama's tool calls (arguments as objects); a call cut short by num_predict is left out (its
     done_reason is "length")."""
-    out = []
+    out: list[dict[str, Any]] = []
     for c in calls:
         try:
             arguments = json.loads(c.function.arguments or "{}")
@@ -341,14 +356,14 @@ async def generate(req: GenerateRequest, request: Request) -> dict[str, Any] | S
     if req.raw or engine.tokenizer.chat_template is None:
         body: dict[str, Any] = {"model": req.model, "messages": [{"role": "user", "content": req.prompt}],
                                 **sampling} | ({"response_format": rf} if rf else {})
-        chat_req = ChatCompletionRequest.model_validate(body)  # validates the sampling fields
+        chat_req = chat_request(body)  # validates the sampling fields
         # no template: raw, or a model without one (whose system prompt then goes first, as text)
         ids = await encode_text(engine, (req.system + "\n\n" if req.system else "") + req.prompt)
         run = await start_prompt(request, chat_req, ids, limit, default_temperature=0.8)
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
             {"role": "user", "content": req.prompt}]
-        chat_req = ChatCompletionRequest.model_validate(
+        chat_req = chat_request(
             {"model": req.model, "messages": messages, **sampling} | ({"response_format": rf} if rf else {}))
         run = await start_chat(request, chat_req, limit, default_temperature=0.8)
     rid = new_id("ollama")

@@ -10,6 +10,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationError,
     model_serializer,
     model_validator,
 )
@@ -294,6 +295,16 @@ class ChatCompletionRequest(_Sampling):
                               "modalities": (["text"],), "audio": (), "prediction": (),
                               "web_search_options": (), "functions": (), "function_call": (),
                               "reasoning_effort": (), "verbosity": ()})
+
+
+def chat_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    """Another API's request translated into a chat request; what does not validate is one line."""
+    try:
+        return ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise ValueError(f"{where}: {first.get('msg', 'invalid')}".removeprefix(": ")) from None
 
 
 class CompletionRequest(_Sampling):

@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ConfigDict, Field, model_validator
 
 from llamaserve.engine.async_engine import EngineDeadError
-from llamaserve.server.protocol import ChatCompletionRequest, StrictRequest, Usage
+from llamaserve.server.protocol import ChatCompletionRequest, StrictRequest, Usage, chat_request
 from llamaserve.server.routes import ChatRun, collect_choices, split_calls, start_chat, state_of
 from llamaserve.server.serving import SSE_OR_JSON, choice_deltas, framed, record
 from llamaserve.server.tools import ToolCallParser
@@ -109,8 +109,14 @@ class TextConfig(StrictRequest):
 
 
 class ResponsesRequest(StrictRequest):
+    # The schema says what to_chat checks: "required" or a named function needs tools.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["tool_choice"], "properties": {"tool_choice": {
+            "not": {"enum": [None, "none", "auto"]}}}},
+        "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}})
+
     model: str | None = None
-    input: str | list[Item]
+    input: str | Annotated[list[Item], Field(min_length=1)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
@@ -147,7 +153,8 @@ class ResponsesRequest(StrictRequest):
             value = data.get(name)
             if value not in (None, False, [], "disabled"):
                 raise ValueError(f"'{name}' is not supported by this server ({what})")
-        for item in data.get("input") if isinstance(data.get("input"), list) else []:
+        items = data.get("input")
+        for item in items if isinstance(items, list) else []:
             if isinstance(item, dict) and "type" not in item and "role" in item:
                 item["type"] = "message"  # an easy input message may leave out its type
             elif isinstance(item, dict) and item.get("type") not in ("message", "function_call",
@@ -188,8 +195,8 @@ class ResponsesRequest(StrictRequest):
                              for t in self.tools]
         if isinstance(self.tool_choice, NamedFunction):
             body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
-        elif self.tool_choice is not None:
-            body["tool_choice"] = self.tool_choice
+        elif self.tool_choice is not None and (self.tools or self.tool_choice == "required"):
+            body["tool_choice"] = self.tool_choice  # "auto" or "none" without tools: nothing to choose
         fmt = self.text.format if self.text else None
         if fmt is not None and fmt.type == "json_object":
             body["response_format"] = {"type": "json_object"}
@@ -198,7 +205,7 @@ class ResponsesRequest(StrictRequest):
                 raise ValueError("text.format of type json_schema needs 'name' and 'schema'")
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": fmt.name,
                                                                               "schema": fmt.schema_}}
-        return ChatCompletionRequest.model_validate(body)
+        return chat_request(body)
 
 
 def _id(prefix: str) -> str:

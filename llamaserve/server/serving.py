@@ -28,10 +28,12 @@ T = TypeVar("T")
 SSE_DONE = b"data: [DONE]\n\n"
 
 # What a route that can stream documents for its 200: JSON, or the stream when "stream" says so.
-SSE_OR_JSON = {200: {"content": {"application/json": {}, "text/event-stream": {}},
-                     "description": "JSON, or server-sent events with \"stream\": true"}}
-NDJSON_OR_JSON = {200: {"content": {"application/json": {}, "application/x-ndjson": {}},
-                        "description": "NDJSON lines (the default), or JSON with \"stream\": false"}}
+SSE_OR_JSON: dict[int | str, dict[str, Any]] = {200: {
+    "content": {"application/json": {}, "text/event-stream": {}},
+    "description": "JSON, or server-sent events with \"stream\": true"}}
+NDJSON_OR_JSON: dict[int | str, dict[str, Any]] = {200: {
+    "content": {"application/json": {}, "application/x-ndjson": {}},
+    "description": "NDJSON lines (the default), or JSON with \"stream\": false"}}
 
 
 @dataclass(slots=True)

@@ -19,6 +19,8 @@ import torch
 
 from tests.e2e.conftest import KEY, MODEL, Live
 
+# Anthropic's SDK no longer has sampling parameters; older clients send them and the server takes them.
+GREEDY = {"temperature": 0}
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 
 
@@ -47,24 +49,37 @@ def test_responses_create(oai: openai.OpenAI) -> None:
 
 
 def test_responses_stream_event_order(oai: openai.OpenAI) -> None:
-    with oai.responses.stream(model=MODEL, input="Count: one, two,", max_output_tokens=6,
-                              temperature=0) as stream:
-        kinds = [e.type for e in stream]
-        final = stream.get_final_response()
+    with oai.responses.stream(model=MODEL, input="Name a colour.", instructions="Answer in one word.",
+                              max_output_tokens=40, temperature=0) as stream:
+        events = list(stream)
+        kinds = [e.type for e in events]
+        final = stream.get_final_response()  # needs response.completed (the SDK knows no other end)
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]
     assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
-                          "response.output_item.done", kinds[-1]]
-    assert kinds[-1] in ("response.completed", "response.incomplete")
+                          "response.output_item.done", "response.completed"]
     assert set(kinds[4:-4]) == {"response.output_text.delta"}
-    assert final.output_text.strip()
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text.strip() and final.status == "completed"
+
+
+def test_responses_stream_cut_at_max_output_tokens_ends_incomplete(oai: openai.OpenAI) -> None:
+    """As the API documents: response.incomplete, with incomplete_details (the SDK's helper then has no
+    final response, so the raw stream is read)."""
+    stream = oai.responses.create(model=MODEL, input="Count to twenty.", max_output_tokens=4, temperature=0,
+                                  stream=True)
+    events = list(stream)
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.incomplete_details.reason == "max_output_tokens"
+    assert events[-1].response.usage.output_tokens == 4
 
 
 def test_responses_tool_call_round_trip(oai: openai.OpenAI) -> None:
     tools = [{"type": "function", "name": "get_weather", "description": "Current weather in a city",
               "parameters": WEATHER}]
     r = oai.responses.create(model=MODEL, input="What is the weather in Paris?", tools=tools,
-                             tool_choice="required", temperature=0, max_output_tokens=60)
+                             tool_choice="required", parallel_tool_calls=False, temperature=0,
+                             max_output_tokens=60)
     (call,) = [o for o in r.output if o.type == "function_call"]
     assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
     history = [{"role": "user", "content": "What is the weather in Paris?"},
@@ -89,7 +104,7 @@ def test_responses_previous_response_id_is_a_clear_400(oai: openai.OpenAI) -> No
 
 # -- Anthropic Messages ---------------------------------------------------------------------------
 def test_messages_create(claude: anthropic.Anthropic) -> None:
-    m = claude.messages.create(model=MODEL, max_tokens=8, system="Answer in one word.", temperature=0,
+    m = claude.messages.create(model=MODEL, max_tokens=8, system="Answer in one word.", extra_body=GREEDY,
                                messages=[{"role": "user", "content": "Name a colour."}])
     assert m.type == "message" and m.role == "assistant" and m.content[0].type == "text"
     assert m.content[0].text.strip() and m.stop_reason in ("end_turn", "max_tokens")
@@ -97,7 +112,7 @@ def test_messages_create(claude: anthropic.Anthropic) -> None:
 
 
 def test_messages_stream_text(claude: anthropic.Anthropic) -> None:
-    with claude.messages.stream(model=MODEL, max_tokens=6, temperature=0,
+    with claude.messages.stream(model=MODEL, max_tokens=6, extra_body=GREEDY,
                                 messages=[{"role": "user", "content": "Count: one, two,"}]) as stream:
         kinds = [e.type for e in stream]
         final = stream.get_final_message()
@@ -109,8 +124,8 @@ def test_messages_stream_text(claude: anthropic.Anthropic) -> None:
 
 def test_messages_stream_with_a_tool(claude: anthropic.Anthropic) -> None:
     tools = [{"name": "get_weather", "description": "Current weather in a city", "input_schema": WEATHER}]
-    with claude.messages.stream(model=MODEL, max_tokens=60, temperature=0, tools=tools,
-                                tool_choice={"type": "any"},
+    with claude.messages.stream(model=MODEL, max_tokens=60, extra_body=GREEDY, tools=tools,
+                                tool_choice={"type": "any", "disable_parallel_tool_use": True},
                                 messages=[{"role": "user", "content": "Weather in Paris?"}]) as stream:
         kinds = [e.type for e in stream]
         final = stream.get_final_message()
@@ -119,7 +134,7 @@ def test_messages_stream_with_a_tool(claude: anthropic.Anthropic) -> None:
     assert use.name == "get_weather" and isinstance(use.input["city"], str)
     assert final.stop_reason == "tool_use"
     # the result goes back as a tool_result block
-    m = claude.messages.create(model=MODEL, max_tokens=16, temperature=0, tools=tools, messages=[
+    m = claude.messages.create(model=MODEL, max_tokens=16, extra_body=GREEDY, tools=tools, messages=[
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": [b.model_dump() for b in final.content]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18C"}]}])
@@ -204,7 +219,8 @@ def test_embeddings_float_and_base64(oai: openai.OpenAI) -> None:
     assert np.allclose(v[0], v[1], atol=1e-5)  # the same text, the same vector (batched or not)
     assert e.usage.prompt_tokens > 6
     b = oai.embeddings.create(model=MODEL, input="The cat sat.", encoding_format="base64")
-    assert np.allclose(np.array(b.data[0].embedding), v[0], atol=1e-5)  # the SDK decodes base64
+    raw = np.frombuffer(base64.b64decode(b.data[0].embedding), dtype="<f4")  # asked for: left encoded
+    assert np.allclose(raw, v[0], atol=1e-5)
     with pytest.raises(openai.BadRequestError, match="dimensions"):
         oai.embeddings.create(model=MODEL, input="x", dimensions=8)
 

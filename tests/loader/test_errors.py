@@ -175,3 +175,33 @@ def test_a_llama_vocabulary_without_scores_is_one_line_not_a_key_error(tmp_path,
                       scores=False)
     with pytest.raises(ModelLoadError, match=r"a llama tokenizer needs tokenizer\.ggml\.scores"):
         load_model(str(path))
+
+
+def _edited(tmp_path: Path, model: Any, key: str, value: Any, part: int | None = None) -> Path:
+    """A valid file (with a vocabulary) with one metadata value, or an array's length, rewritten in place."""
+    from gguf import GGUFReader
+
+    tokens = [f"t{i}" for i in range(model.config.vocab_size)]
+    path = write_gguf(tmp_path / "edited.gguf", model.config, gguf_tensors(model, QT.F16), tokens=tokens)
+    field = GGUFReader(path, "r+").fields[key]
+    field.parts[field.data[0] if part is None else part][0] = value
+    return path
+
+
+@pytest.mark.parametrize("key,value,part,message", [
+    ("tokenizer.ggml.tokens", 10**9, 4, r"an array of 1000000000 strings at byte \d+ goes past the end"),
+    ("tokenizer.ggml.scores", 2**40, 4, r"an array of 1099511627776 values at byte \d+ goes past the end"),
+    ("llama.rope.dimension_count", 15, None, r"rope\.dimension_count is 15, but the head dimension is 16"),
+    ("llama.attention.layer_norm_rms_epsilon", float("nan"), None,
+     r"rms_epsilon must be in \(0, 1\), got nan"),
+    ("llama.rope.freq_base", float("inf"), None, r"freq_base must be a finite number >= 1, got inf"),
+], ids=["tokens_length", "scores_length", "rope_dim", "eps_nan", "theta_inf"])
+def test_impossible_lengths_and_values_are_one_line_and_fast(tmp_path, model, key, value, part,
+                                                             message) -> None:
+    import time
+
+    path = _edited(tmp_path, model, key, value, part)
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match=message) as e:
+        load_model(str(path))
+    assert "\n" not in str(e.value) and time.perf_counter() - start < 5

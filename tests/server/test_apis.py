@@ -318,7 +318,7 @@ def test_ollama_errors_and_tags() -> None:
     client, _ = make()
     r = client.post("/api/chat", json={"model": "llama2", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 404 and set(r.json()) == {"error"}
-    r = client.post("/api/chat", json={"model": MODEL, "messages": []})
+    r = client.post("/api/chat", json={"model": MODEL, "messages": [{"role": "pirate", "content": "x"}]})
     assert r.status_code == 400 and isinstance(r.json()["error"], str)
     r = client.post("/api/chat", json={"model": MODEL, "keep_alive": 0, "messages": [{"role": "user",
                                                                                       "content": "x"}]})
@@ -351,5 +351,5 @@ def test_vllm_metric_names_are_aliases_with_the_model_label() -> None:
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         assert f"# TYPE {name} gauge" in text and f'{name}{{model_name="{MODEL}"}} 0.0' in text
     for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"):
-        assert f"# TYPE {name} counter" in text and f'{name}_total{{model_name="{MODEL}"}}' in text
+        assert f"{name}_total counter" in text and f'{name}_total{{model_name="{MODEL}"}} 0.0' in text
     assert "llamaserve_num_requests_running 0.0" in text
