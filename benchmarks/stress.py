@@ -17,7 +17,7 @@ defaults. Phases, each bounded in count and time:
 4. SIGTERM under load: every accepted stream ends with [DONE] (finished, or an in-band error at the
    drain deadline), requests after the signal get 503 or a refused connection, the process exits 0.
 Then once: 200 GGUF mutants through the CLI under a memory limit (benchmarks/gguf_mutants.py), and
-schemathesis with all checks (tests/e2e/test_schemathesis.py with 200 examples per operation).
+schemathesis with all checks (tests/e2e/test_schemathesis.py with 100 examples per operation).
 """
 
 from __future__ import annotations
@@ -355,7 +355,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--disconnects", type=int, default=1000)
     ap.add_argument("--mutants", type=int, default=200)
-    ap.add_argument("--fuzz-examples", type=int, default=200)
+    ap.add_argument("--fuzz-examples", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="RELIABILITY.md")
     args = ap.parse_args()

@@ -218,7 +218,7 @@ def test_bad_requests(sync_client: OpenAI) -> None:
         chat(model=MODEL, messages=MESSAGES, max_tokens=1, extra_body={"top_k": -3})
     with pytest.raises(openai.BadRequestError):
         chat(model=MODEL, messages=[{"role": "wizard", "content": "hi"}], max_tokens=1)  # type: ignore[list-item]
-    with pytest.raises(openai.BadRequestError, match="n must be"):
+    with pytest.raises(openai.BadRequestError, match="n: Input should be greater than or equal to 1"):
         chat(model=MODEL, messages=MESSAGES, n=0, max_tokens=1)
     with pytest.raises(openai.BadRequestError, match="999999"):
         chat(model=MODEL, messages=MESSAGES, max_tokens=1, logit_bias={"999999": 1})

@@ -64,7 +64,7 @@ schema = schemathesis.openapi.from_dict(create_app(None, ServerSettings()).opena
 
 
 @schema.parametrize()
-@settings(max_examples=int(os.environ.get("LLAMASERVE_FUZZ_EXAMPLES", "15")), deadline=None, database=None,
+@settings(max_examples=int(os.environ.get("LLAMASERVE_FUZZ_EXAMPLES", "10")), deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 def test_all_checks(case: schemathesis.Case, fuzz_server: Live) -> None:
     case.call_and_validate(base_url=fuzz_server.url, headers=fuzz_server.headers, timeout=60,
