@@ -344,10 +344,14 @@ def _schemathesis(examples: int) -> str:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         "tests/e2e/test_schemathesis.py"], capture_output=True, text=True,
                        env=os.environ | {"LLAMASERVE_FUZZ_EXAMPLES": str(examples)})
-    last = (r.stdout.strip().splitlines() or ["no output"])[-1]
+    out = r.stdout.strip().splitlines()
+    last = (out or ["no output"])[-1]
+    # what failed, so that a failure found by chance can be reproduced from this file
+    found = [line.strip(" |") for i, line in enumerate(out) if "- ST" in line
+             or (i and "- ST" in out[i - 1]) or line.strip(" |").startswith("`{")][:12]
     return (f"- schemathesis, all checks, {examples} examples per operation "
             f"(`LLAMASERVE_FUZZ_EXAMPLES={examples} pytest tests/e2e/test_schemathesis.py`): {last} "
-            f"({time.perf_counter() - start:.0f} s)")
+            f"({time.perf_counter() - start:.0f} s)" + "".join(f"\n  - {x[:300]}" for x in found))
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ JSON Schema (one structured-output constraint per request; structured output wit
 tool_choice "none"; unique tool names): pairwise exclusions written as JSON Schema would make the
 published schema unreadable for client generators, and OpenAI's own does not encode them either. Any
 other refusal of a schema-valid request fails.
-`make stress` runs this file with LLAMASERVE_FUZZ_EXAMPLES=200.
+`make stress` runs this file with LLAMASERVE_FUZZ_EXAMPLES=100.
 """
 
 from __future__ import annotations

@@ -353,3 +353,48 @@ def test_vllm_metric_names_are_aliases_with_the_model_label() -> None:
     for name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits"):
         assert f"{name}_total counter" in text and f'{name}_total{{model_name="{MODEL}"}} 0.0' in text
     assert "llamaserve_num_requests_running 0.0" in text
+
+
+# -- every new route: disconnects abort, body limits and access-log lines as elsewhere ----------------
+NEW_ROUTES = [("/v1/messages", MESSAGES), ("/v1/responses", {"model": MODEL, "input": "hi"}),
+              ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}),
+              ("/api/generate", {"model": MODEL, "prompt": "hi"})]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path,body", NEW_ROUTES, ids=[p for p, _ in NEW_ROUTES])
+def test_a_client_leaving_aborts_the_request(path: str, body: dict, stream: bool) -> None:
+    import asyncio
+
+    from llamaserve.server.app import create_app
+    from llamaserve.server.settings import ServerSettings
+    from tests.server.test_routes import call_asgi
+
+    engine = FakeEngine(script=script_texts({(0, 0): ["a", "b", "c"]}), hang_after=1)  # never finishes
+    app = create_app(engine, ServerSettings(log_requests=False), MODEL)  # type: ignore[arg-type]
+    sent, left_at = asyncio.run(call_asgi(app, path, body | {"stream": stream}, disconnect_after=0.3))
+    assert left_at and engine.aborted == ["req1-0"] and engine.finished == []
+    assert engine.abort_times[0] >= left_at
+
+
+@pytest.mark.parametrize("path,body", NEW_ROUTES, ids=[p for p, _ in NEW_ROUTES])
+def test_body_limit_and_access_log_line(path: str, body: dict, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    client, _ = make(max_body_bytes=2048)
+    r = client.post(path, json=body | {"padding": "x" * 4096})
+    assert r.status_code == 413
+    shape = r.json()
+    assert shape["type"] == "error" if path.startswith("/v1/messages") else "error" in shape
+    from starlette.testclient import TestClient
+
+    from llamaserve.server.app import create_app
+    from llamaserve.server.settings import ServerSettings
+
+    engine = FakeEngine(script=script_texts({(0, 0): ["ok"]}))
+    client = TestClient(create_app(engine, ServerSettings(), MODEL))  # type: ignore[arg-type]
+    with caplog.at_level(logging.INFO, logger="llamaserve.access"):
+        assert client.post(path, json=body | {"stream": False}).status_code == 200
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "llamaserve.access"]
+    assert lines and lines[-1]["path"] == path and lines[-1]["status"] == 200
+    assert lines[-1]["completion_tokens"] == 1
