@@ -7,7 +7,6 @@ only, no KV cache kept). An input longer than the context is refused, never trun
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from typing import Annotated, Any, Literal
 
@@ -16,7 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import Field, model_validator
 
 from llamaserve.server.protocol import StrictRequest, usage
-from llamaserve.server.routes import MAX_CHARS_PER_TOKEN, state_of
+from llamaserve.server.routes import encode_text, state_of
 from llamaserve.server.serving import ClientDisconnected, new_id, unless_disconnected
 
 router = APIRouter()
@@ -48,13 +47,8 @@ async def embed_texts(request: Request,
     """(embeddings, prompt tokens) of texts or token-id lists, through the engine's admission."""
     state = state_of(request)
     engine = state.ready_engine()
-    if inputs and isinstance(inputs[0], str):
-        limit = engine.max_model_len * MAX_CHARS_PER_TOKEN
-        if any(len(t) > limit for t in inputs):  # type: ignore[arg-type]
-            raise ValueError(f"an input is longer than the context of {engine.max_model_len} tokens can "
-                             "hold; it is not truncated")
-        texts: list[str] = inputs  # type: ignore[assignment]
-        prompts = await asyncio.to_thread(lambda: [engine.tokenizer.encode(t) for t in texts])
+    if inputs and isinstance(inputs[0], str):  # the size check and tokenizing off the loop, as for chat
+        prompts = [await encode_text(engine, t) for t in inputs]  # type: ignore[arg-type]
     else:
         prompts = [list(p) for p in inputs]  # type: ignore[arg-type]
     vectors = await unless_disconnected(request, engine.embed(prompts, state.settings.embedding_pooling,

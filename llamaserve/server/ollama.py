@@ -208,7 +208,7 @@ class EmbedRequest(StrictRequest):
     # true: an input longer than the context (or options.num_ctx) is cut to fit, as asked; otherwise
     # (false, or not given) it is refused
     truncate: bool | None = None
-    options: Options | None = None  # num_ctx bounds the inputs; sampling options do not apply
+    options: Options | None = None  # num_ctx bounds the inputs; a sampling option is a 400
     keep_alive: str | int | float | None = None
     dimensions: None = None
 
@@ -328,16 +328,7 @@ async def chat(req: ChatRequest, request: Request) -> dict[str, Any] | Streaming
     if req.stream:
         return StreamingResponse(_lines(request, run, rid, started, "chat"),
                                  media_type="application/x-ndjson")
-    choices = await collect_choices(request, run)
-    totals = record(request, state, rid, run.stream)
-    c = choices[0] if choices else None
-    text, calls = split_calls(c.text if c else "", run.plan)
-    message: dict[str, Any] = {"role": "assistant", "content": text or ""}
-    if calls and _ollama_calls(calls):
-        message["tool_calls"] = _ollama_calls(calls)
-    return {"model": state.model_name, "created_at": _now(), "message": message,
-            "done_reason": _done_reason(c.finish_reason if c else None), "done": True,
-            **_counters(run, totals, started)}
+    return await _answer(request, run, rid, started, "chat")
 
 
 @router.post("/api/generate", response_model=None, responses=NDJSON_OR_JSON)
@@ -370,11 +361,26 @@ async def generate(req: GenerateRequest, request: Request) -> dict[str, Any] | S
     if req.stream:
         return StreamingResponse(_lines(request, run, rid, started, "generate"),
                                  media_type="application/x-ndjson")
+    return await _answer(request, run, rid, started, "generate")
+
+
+async def _answer(request: Request, run: ChatRun, rid: str, started: float, kind: str) -> dict[str, Any]:
+    """The one JSON object of a non-streamed chat or generate request."""
+    state = state_of(request)
     choices = await collect_choices(request, run)
     totals = record(request, state, rid, run.stream)
     c = choices[0] if choices else None
-    return {"model": state.model_name, "created_at": _now(), "response": c.text if c else "", "done": True,
-            "done_reason": _done_reason(c.finish_reason if c else None), **_counters(run, totals, started)}
+    text, calls = split_calls(c.text if c else "", run.plan)
+    head: dict[str, Any] = {"model": state.model_name, "created_at": _now()}
+    if kind == "chat":
+        message: dict[str, Any] = {"role": "assistant", "content": text or ""}
+        if ollama_calls := _ollama_calls(calls or []):
+            message["tool_calls"] = ollama_calls
+        head["message"] = message
+    else:
+        head["response"] = c.text if c else ""
+    return head | {"done": True, "done_reason": _done_reason(c.finish_reason if c else None),
+                   **_counters(run, totals, started)}
 
 
 def _line(payload: dict[str, Any]) -> bytes:
@@ -407,8 +413,8 @@ def _lines(request: Request, run: ChatRun, rid: str, started: float, kind: str) 
                 yield _line(piece(text))
             if d.finish_reason is not None:
                 end["reason"] = d.finish_reason
-        if calls and _ollama_calls(calls):
-            yield _line(piece("", {"tool_calls": _ollama_calls(calls)}))
+        if ollama_calls := _ollama_calls(calls):
+            yield _line(piece("", {"tool_calls": ollama_calls}))
 
     def tail(totals: Usage) -> list[bytes]:
         if end.get("failed"):
@@ -430,12 +436,10 @@ async def embed(req: EmbedRequest, request: Request) -> dict[str, Any]:
     started = time.monotonic()
     inputs = [req.input] if isinstance(req.input, str) else req.input
     engine = state.ready_engine()
-    limit = engine.max_model_len
-    if req.options is not None and req.options.num_ctx is not None:
-        if req.options.num_ctx > limit:
-            raise ValueError(f"options.num_ctx {req.options.num_ctx} is more than this model's context "
-                             f"length ({limit})")
-        limit = req.options.num_ctx
+    sampling, num_ctx = (req.options or Options()).sampling(engine.max_model_len)  # checks num_ctx
+    if sampling:  # nothing is sampled here: refused rather than ignored
+        raise ValueError(f"options {sorted(sampling)} do not apply to embeddings (only num_ctx does)")
+    limit = num_ctx or engine.max_model_len
     prompts = [await encode_text(engine, t) for t in inputs]
     for i, p in enumerate(prompts):
         if len(p) > limit and not req.truncate:

@@ -398,3 +398,11 @@ def test_body_limit_and_access_log_line(path: str, body: dict, caplog: pytest.Lo
     lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "llamaserve.access"]
     assert lines and lines[-1]["path"] == path and lines[-1]["status"] == 200
     assert lines[-1]["completion_tokens"] == 1
+
+
+def test_ollama_embed_refuses_sampling_options_rather_than_ignoring_them() -> None:
+    client, _ = make()
+    r = client.post("/api/embed", json={"model": MODEL, "input": "hi", "options": {"temperature": 0.5}})
+    assert r.status_code == 400 and "temperature" in r.json()["error"]
+    r = client.post("/api/embed", json={"model": MODEL, "input": "hi", "options": {"num_ctx": 10**7}})
+    assert r.status_code == 400 and "num_ctx" in r.json()["error"]
