@@ -201,6 +201,12 @@ class GenerateRequest(_Ollama):
     images: list[Any] | None = Field(default=None, max_length=0)
 
 
+class EmbedOptions(StrictRequest):
+    """The one option that applies to embeddings; a sampling option is an unknown field here (400)."""
+
+    num_ctx: int | None = Field(default=None, ge=1)
+
+
 class EmbedRequest(StrictRequest):
     model: str
     input: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
@@ -208,7 +214,7 @@ class EmbedRequest(StrictRequest):
     # true: an input longer than the context (or options.num_ctx) is cut to fit, as asked; otherwise
     # (false, or not given) it is refused
     truncate: bool | None = None
-    options: Options | None = None  # num_ctx bounds the inputs; a sampling option is a 400
+    options: EmbedOptions | None = None  # num_ctx bounds the inputs; nothing is sampled
     keep_alive: str | int | float | None = None
     dimensions: None = None
 
@@ -436,9 +442,7 @@ async def embed(req: EmbedRequest, request: Request) -> dict[str, Any]:
     started = time.monotonic()
     inputs = [req.input] if isinstance(req.input, str) else req.input
     engine = state.ready_engine()
-    sampling, num_ctx = (req.options or Options()).sampling(engine.max_model_len)  # checks num_ctx
-    if sampling:  # nothing is sampled here: refused rather than ignored
-        raise ValueError(f"options {sorted(sampling)} do not apply to embeddings (only num_ctx does)")
+    _, num_ctx = Options(num_ctx=req.options.num_ctx if req.options else None).sampling(engine.max_model_len)
     limit = num_ctx or engine.max_model_len
     prompts = [await encode_text(engine, t) for t in inputs]
     for i, p in enumerate(prompts):
