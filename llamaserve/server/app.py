@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamaserve.engine.async_engine import AsyncEngine, EngineDeadError, EngineStats, QueueFull
-from llamaserve.server import anthropic, embeddings, ollama, responses
+from llamaserve.server import anthropic, embeddings, ollama, responses, ui
 from llamaserve.server.auth import BodyTooLarge, GuardMiddleware
 from llamaserve.server.metrics import Metrics
 from llamaserve.server.protocol import error_for_path
@@ -199,6 +199,8 @@ def create_app(engine: AsyncEngine | None, settings: ServerSettings, model_name:
     app.include_router(router)
     for api in (anthropic, responses, ollama, embeddings):
         app.include_router(api.router)
+    if settings.ui:
+        app.include_router(ui.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 
 from llamaserve.server.protocol import error_for_path
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})  # and the playground's files under /ui/: the page asks for the key
 
 
 async def _send_json(send: Any, status: int, body: dict, headers: list | None = None) -> None:
@@ -36,7 +36,7 @@ class GuardMiddleware:
 
     def _key_index(self, scope: dict) -> int | None:
         """Which key the request carries (-1: no key needed), None when it carries no valid one."""
-        if not self.keys or scope["path"] in OPEN_PATHS:
+        if not self.keys or scope["path"] in OPEN_PATHS or scope["path"].startswith("/ui/"):
             return -1
         headers = dict(scope.get("headers") or [])
         header = headers.get(b"authorization", b"")

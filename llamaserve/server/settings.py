@@ -24,6 +24,7 @@ class ServerSettings:
     read_timeout: float = 30.0  # seconds a client has to send a whole request (headers and body)
     limit_concurrency: int = 1024  # open connections / running requests before 503
     embedding_pooling: str = "mean"  # "mean" | "last": how /v1/embeddings pools the hidden states
+    ui: bool = True  # the web playground at / (its files under /ui/)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -80,6 +81,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="open connections (or running requests) beyond which requests get 503")
     p.add_argument("--embedding-pooling", choices=["mean", "last"], default=d.embedding_pooling,
                    help="how /v1/embeddings and /api/embed pool the final hidden states")
+    p.add_argument("--no-ui", action="store_true", help="no web playground at / (GET / is then a 404)")
     p.add_argument("--cors-origins", default="",
                    help="comma-separated browser origins allowed cross-site ('*' for any); default none")
 
@@ -96,7 +98,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         served_model_name=args.served_model_name, log_requests=not args.no_access_log,
         max_prompts=args.max_prompts, allowed_hosts=hosts, step_timeout=args.step_timeout,
         cors_origins=_names(args.cors_origins), read_timeout=args.read_timeout,
-        limit_concurrency=args.limit_concurrency, embedding_pooling=args.embedding_pooling,
+        limit_concurrency=args.limit_concurrency, embedding_pooling=args.embedding_pooling, ui=not args.no_ui,
     )
 
 
