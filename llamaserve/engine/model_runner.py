@@ -137,8 +137,9 @@ class ModelRunner:
         whose layers all run on our kernels (prefill chunks take the layer-by-layer path)."""
         return self.fused is not None and meta.q_dest is None
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.fused is not None and self.runs_fused(meta):
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 fused: bool = True) -> torch.Tensor:
+        if fused and self.fused is not None and self.runs_fused(meta):
             x, cos, sin = self.model.embed(ids, positions)
             x = self.fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens,
                                self.cache.native or [])
@@ -210,16 +211,16 @@ class ModelRunner:
     def _execute_paths(self, items: list) -> torch.Tensor:
         if self.fused is None:
             return self._execute(items)
-        groups = [[i for i, item in enumerate(items) if (item.num_new_tokens == 1) == single]
-                  for single in (True, False)]
+        groups = [[i for i, item in enumerate(items) if _decodes(item) == single] for single in (True, False)]
         groups = [g for g in groups if g]
         if len(groups) < 2:
-            return self._execute(items)
-        logits = torch.cat([self._execute([items[i] for i in g]) for g in groups])
+            return self._execute(items, fused=_decodes(items[0]))
+        logits = torch.cat([self._execute([items[i] for i in g], fused=_decodes(items[g[0]]))
+                            for g in groups])
         order = torch.tensor([i for g in groups for i in g if items[i].samples])  # item index of each row
         return logits[order.argsort()]  # rows back in the items' order
 
-    def _execute(self, items: list) -> torch.Tensor:
+    def _execute(self, items: list, fused: bool = True) -> torch.Tensor:
         ids: list[int] = []
         positions: list[int] = []
         chunks = []
@@ -237,8 +238,16 @@ class ModelRunner:
         meta = build_metadata(chunks, self.config.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self._forward(input_ids, pos, meta)  # [T, hidden]
+        hidden = self._forward(input_ids, pos, meta, fused)  # [T, hidden]
         if not last_rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)
         return self.model.logits(hidden[rows])
+
+
+def _decodes(item: object) -> bool:
+    """A one-token chunk of a sequence past its prompt: a decode step, which runs fused. Any chunk of a
+    prompt (one token too, as after a prefix-cache hit or at a chunk boundary) takes the layer path, so
+    a prompt's last row, whose logits give the first token, is computed alike however it was split."""
+    seq = item.seq  # type: ignore[attr-defined]
+    return item.num_new_tokens == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens  # type: ignore[attr-defined]

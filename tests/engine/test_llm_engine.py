@@ -62,9 +62,9 @@ def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts):
     runner, forwards, calls = engine.runner, [], []  # forwards per step; each forward's chunk sizes
     inner, outer = runner._execute, runner.execute
 
-    def forward(items):
-        calls.append([i.num_new_tokens for i in items])
-        return inner(items)
+    def forward(items, fused=True):
+        calls.append((fused, [i.num_new_tokens for i in items]))
+        return inner(items, fused=fused)
 
     def execute(sched):
         before = len(calls)
@@ -84,7 +84,9 @@ def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts):
         if not engine.has_unfinished:
             break
     assert forwards.count(2) >= 3  # three arrivals: each prefill ran beside decodes, as its own forward
-    assert all(all(n == 1 for n in c) or all(n > 1 for n in c) for c in calls)  # never one mixed forward
+    # never one mixed forward: decode tokens run fused, prompt chunks on the layer path
+    assert all(all(n == 1 for n in c) for fused, c in calls if fused)
+    assert any(not fused for fused, _ in calls)
     assert [tokens[f"r{i}"] for i in range(4)] == alone
     assert engine.block_manager.num_free_blocks == engine.num_blocks
 
@@ -154,6 +156,23 @@ def test_logprobs_equal_log_softmax_of_a_full_forward(smollm_parts):
         top = torch.topk(row, 3)
         assert [t for t, _ in g.top] == top.indices.tolist()
         assert [v for _, v in g.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+@pytest.mark.skipif(not native.available(), reason="no AVX2 CPU or no C compiler: no fused decode")
+def test_greedy_output_does_not_depend_on_the_prefix_cache_or_on_chunking(smollm_parts):
+    """A prompt one token longer than whole blocks: a prefix-cache hit, or a prefill split into chunks,
+    leaves a one-token prompt chunk. It takes the layer path as the whole prompt does (not the fused
+    decode call), so the first token, and the rest, are the same either way."""
+    model = load_model(None, quantization="auto")[0]
+    engine = make_engine((model, smollm_parts[1]))
+    prompt = chat_ids(engine, "Say hello.")
+    assert len(prompt) % engine.config.block_size == 1  # the case: whole blocks plus one token
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    cold = engine.generate([prompt], params)
+    warm = engine.generate([prompt], params)  # every full block from the cache: one token left to run
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    chunked = make_engine((model, smollm_parts[1]), max_batch_tokens=16).generate([prompt], params)
+    assert warm == cold and chunked == cold
 
 
 def test_preemption_recomputes_to_the_same_text(smollm_parts):
