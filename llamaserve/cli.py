@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     from llamaserve.server.settings import add_server_args
 
     add_server_args(serve)
+    from llamaserve.server.replicas import add_replica_args
+
+    add_replica_args(serve)
 
     gen = sub.add_parser("generate", help="answer one query, streamed to stdout")
     gen.add_argument("query")
@@ -230,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         if args.command == "bench":
             return cmd_bench(args)
+        from llamaserve.server.replicas import replica_plan
+
+        plan = replica_plan(args)
+        if plan is not None:
+            from llamaserve.server.replicas import run
+
+            return run(args, engine_config(args), plan)
         from llamaserve.server.serve import serve
 
         return serve(args, engine_config(args))
