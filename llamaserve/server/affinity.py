@@ -85,7 +85,7 @@ def request_digests(body: bytes, headers: dict[str, str], tokenizer: Any, block_
     """The routing key of an HTTP request body: [] when it has no prompt (GET, a bad body, a list)."""
     try:
         data = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth: no key
         return []
     if not isinstance(data, dict):
         return []

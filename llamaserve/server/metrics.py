@@ -80,3 +80,27 @@ class Metrics:
             self.ttft.observe(ttft)
             if completion > 1:
                 self.tpot.observe((duration - ttft) / (completion - 1))
+
+
+def with_replica_label(texts: dict[str, str]) -> str:
+    """Several replicas' Prometheus text as one exposition: each sample gains `replica="<id>"`, and each
+    family keeps one HELP/TYPE header with all replicas' samples under it (as the format requires)."""
+    families: dict[str, dict[str, list[str]]] = {}
+    for replica, text in sorted(texts.items()):
+        label = 'replica="' + replica.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        family = families.setdefault("", {"head": [], "samples": []})
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                name = line.split(" ", 3)[2]
+                family = families.setdefault(name, {"head": [], "samples": []})
+                if len(family["head"]) < 2 and line not in family["head"]:
+                    family["head"].append(line)
+            elif line and not line.startswith("#"):
+                end = line.rfind("}")
+                if end >= 0:  # name{a="b"} value: the label goes last inside the braces
+                    sep = "" if line[end - 1] == "{" else ","
+                    family["samples"].append(f"{line[:end]}{sep}{label}{line[end:]}")
+                else:
+                    name, _, rest = line.partition(" ")
+                    family["samples"].append(f"{name}{{{label}}} {rest}")
+    return "".join("\n".join(f["head"] + f["samples"]) + "\n" for f in families.values() if f["samples"])

@@ -100,6 +100,34 @@ def _import_ray() -> Any:
     return ray
 
 
+# ---------- metrics of every replica ----------
+
+BOARD = ("llamaserve-metrics", "llamaserve")  # the board's actor name and namespace
+PUSH_PERIOD_S = 2.0  # how often a replica sends its metrics; older than 5 periods: a replica gone
+
+
+class MetricsBoard:
+    """A detached Ray actor holding each replica's latest Prometheus text, for the ingress's /metrics."""
+
+    def __init__(self) -> None:
+        self.texts: dict[str, tuple[float, str]] = {}
+
+    def put(self, replica: str, text: str) -> None:
+        self.texts[replica] = (time.monotonic(), text)
+
+    def get(self, max_age: float) -> dict[str, str]:
+        now = time.monotonic()
+        self.texts = {r: v for r, v in self.texts.items() if now - v[0] <= max_age}
+        return {r: text for r, (_, text) in self.texts.items()}
+
+
+def metrics_board() -> Any:
+    import ray
+
+    return ray.remote(num_cpus=0)(MetricsBoard).options(
+        name=BOARD[0], namespace=BOARD[1], lifetime="detached", get_if_exists=True).remote()
+
+
 # ---------- the engine replica ----------
 
 class EngineReplicaImpl:
@@ -121,7 +149,21 @@ class EngineReplicaImpl:
         self.engine = AsyncEngine(engine)
         self.engine.start()
         self.app = create_app(self.engine, settings, model_name)
+        self.stopped = threading.Event()
+        threading.Thread(target=self._push_metrics, name="llamaserve-metrics", daemon=True).start()
         log.info("replica %s: model loaded", self.replica)
+
+    def _push_metrics(self) -> None:
+        from prometheus_client import generate_latest
+
+        registry = self.app.state.llamaserve.metrics.registry
+        board = None
+        while not self.stopped.wait(PUSH_PERIOD_S):
+            try:
+                board = board or metrics_board()
+                board.put.remote(self.replica, generate_latest(registry).decode())
+            except Exception:  # the board restarting, Ray shutting down: the next period tries again
+                board = None
 
     async def handle(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Run one HTTP request through the app; yield {"status", "headers"} first, then body chunks.
@@ -188,6 +230,8 @@ class EngineReplicaImpl:
         return self.engine.num_in_flight
 
     def __del__(self) -> None:  # after Ray Serve's graceful drain: stop the engine thread
+        if hasattr(self, "stopped"):
+            self.stopped.set()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
@@ -206,7 +250,7 @@ class IngressImpl:
     """The HTTP endpoint: digests the prompt, forwards to an engine replica, streams the answer back."""
 
     def __init__(self, engine: Any, model: str | None, chat_template: str | None, block_size: int,
-                 prefix_routing: bool, max_queue: int) -> None:
+                 prefix_routing: bool, max_queue: int, api_keys: tuple[str, ...] = ()) -> None:
         from pathlib import Path
 
         from llamaserve.loader.registry import resolve_model
@@ -216,6 +260,7 @@ class IngressImpl:
         self.block_size = block_size
         self.prefix_routing = prefix_routing
         self.max_queue = max_queue
+        self.api_keys = api_keys
         self.tokenizer = load_tokenizer(resolve_model(model), Path(chat_template) if chat_template else None)
         self.in_flight = 0
         self.draining = False
@@ -250,6 +295,25 @@ class IngressImpl:
         response.body_iterator = counted()
         return response
 
+    async def _metrics(self, request: Any) -> Any:
+        """Every live replica's metrics, each sample labelled with its replica (pushed every 2 s); the
+        key check is the replicas' own (GuardMiddleware's)."""
+        from prometheus_client import CONTENT_TYPE_LATEST
+        from starlette.responses import JSONResponse, Response
+
+        from llamaserve.server.auth import GuardMiddleware
+        from llamaserve.server.metrics import with_replica_label
+        from llamaserve.server.protocol import error_for_path
+
+        guard = GuardMiddleware(None, self.api_keys, 1024)
+        if guard._key_index({"path": "/metrics", "headers": request.scope["headers"]}) is None:
+            return JSONResponse(error_for_path("/metrics", 401, "missing or invalid API key",
+                                               "authentication_error", None, "invalid_api_key"),
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
+        texts = await metrics_board().get.remote(5 * PUSH_PERIOD_S)
+        return Response(with_replica_label(texts), media_type=CONTENT_TYPE_LATEST)
+
     async def _forward(self, request: Any) -> Any:
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
@@ -261,6 +325,8 @@ class IngressImpl:
         body = await request.body()
         headers = [(k, v) for k, v in request.headers.items()]
         path = request.url.path
+        if path == "/metrics" and request.method == "GET":
+            return await self._metrics(request)
         digests: list[str] = []
         if self.prefix_routing and request.method == "POST":
             digests = await asyncio.to_thread(request_digests, body, dict(request.headers), self.tokenizer,
@@ -345,7 +411,37 @@ def build_app(plan: ReplicaPlan, config: EngineConfig, settings: ServerSettings,
     threads = max(1, int(plan.num_cpus)) if plan.num_cpus else 1
     bound = engine.bind(model, config, settings, chat_template, model_name, threads)
     return ingress.bind(bound, model, chat_template, config.block_size, plan.prefix_routing,
-                        settings.max_queue)
+                        settings.max_queue, settings.api_keys)
+
+
+APP_ARGS = {"model", "chat_template", "replicas", "num_cpus_per_replica", "num_gpus_per_replica",
+            "prefix_routing", "kv_cache_memory", "max_model_len", "max_num_seqs", "max_queue", "api_keys"}
+
+
+def ray_app(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder, for KubeRay's serveConfigV2 or `serve run
+    llamaserve.server.replicas:ray_app replicas=2`: the keys of APP_ARGS (strings are fine); API keys
+    also from LLAMASERVE_API_KEYS. An unknown key is an error, not ignored."""
+    from llamaserve.loader.registry import DEFAULT_MODEL
+
+    unknown = set(args) - APP_ARGS
+    if unknown:
+        raise ValueError(f"unknown llamaserve app args {sorted(unknown)}; known: {sorted(APP_ARGS)}")
+    d, e = ServerSettings(), EngineConfig()
+    plan = ReplicaPlan(replicas=int(args.get("replicas", 1)),
+                       num_cpus=float(args.get("num_cpus_per_replica", 1)),
+                       num_gpus=float(args.get("num_gpus_per_replica", 0)),
+                       prefix_routing=str(args.get("prefix_routing", "true")).lower() not in ("false", "0"))
+    config = EngineConfig(kv_cache_memory=float(args.get("kv_cache_memory", e.kv_cache_memory)),
+                          max_model_len=int(args.get("max_model_len", e.max_model_len)),
+                          max_num_seqs=int(args.get("max_num_seqs", e.max_num_seqs)))
+    given = args.get("api_keys", "")
+    text = (",".join(given) if isinstance(given, list) else str(given)) + "," + \
+        os.environ.get("LLAMASERVE_API_KEYS", "")
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    settings = ServerSettings(api_keys=tuple(keys), max_queue=int(args.get("max_queue", d.max_queue)))
+    model = args.get("model")
+    return build_app(plan, config, settings, model, args.get("chat_template"), model or DEFAULT_MODEL)
 
 
 def start(plan: ReplicaPlan, config: EngineConfig, settings: ServerSettings, model: str | None,
@@ -416,5 +512,8 @@ def drain(timeout: float) -> int:
 def _shutdown(ray: Any, serve: Any) -> None:
     try:
         serve.shutdown()
+        ray.kill(ray.get_actor(*BOARD))
+    except ValueError:  # no board: nothing was deployed
+        pass
     finally:
         ray.shutdown()

@@ -7,12 +7,14 @@ the rest is Ray's own), started by the test and shut down after it. Skipped with
 from __future__ import annotations
 
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llamaserve.config import EngineConfig
 from llamaserve.server import replicas
@@ -94,6 +96,21 @@ def test_api_keys_are_enforced_at_the_endpoint_in_each_apis_shape(deployment: De
     r = httpx.post(f"{deployment.url}/v1/chat/completions", headers=HEADERS, json={"messages": []},
                    timeout=60)
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+
+
+def test_metrics_report_every_replica_behind_the_key(deployment: Deployment) -> None:
+    assert httpx.get(f"{deployment.url}/metrics", timeout=30).status_code == 401
+    ids = deployment.replica_ids()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{deployment.url}/metrics", headers=HEADERS, timeout=30).text
+        seen = set(re.findall(r'^llamaserve_num_requests_running\{replica="([^"]+)"\} ', text, re.M))
+        if seen == ids:
+            break
+        time.sleep(1)
+    assert seen == ids
+    families = {f.name for f in text_string_to_metric_families(text)}  # one valid exposition
+    assert {"llamaserve_requests", "vllm:num_requests_running", "llamaserve_prefix_cache_hits"} <= families
 
 
 def hit_rate(deployment: Deployment, offset: int) -> tuple[float, dict[int, set[str]]]:
