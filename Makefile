@@ -32,7 +32,7 @@ serve: venv
 	$(BIN)/llamaserve serve --host $(HOST) --port $(PORT)
 
 test: venv browser
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" tests
+	$(BIN)/python -m pytest -q --durations=25 -m "not slow and not gpu" tests
 
 lint: venv
 	$(BIN)/ruff check llamaserve tests benchmarks
