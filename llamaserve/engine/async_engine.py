@@ -75,6 +75,7 @@ class _Add:
     grammar: Grammar | None
 
 
+
 @dataclass(slots=True)
 class _Abort:
     request_id: str
@@ -85,9 +86,14 @@ class _FailAll:
     message: str
 
 
+# Tokens of embedding inputs run in one forward between generation steps: many short inputs share one,
+# while a long one still runs alone, so a stream beside a batch of embeddings keeps its pace.
+EMBED_BATCH_TOKENS = 256
+
+
 @dataclass(slots=True)
 class _Embed:
-    """Embeddings of some prompts, run on the engine thread between steps, one prompt per step."""
+    """Embeddings of some prompts, run on the engine thread between steps, a few at a time."""
 
     prompts: list[list[int]]
     pooling: str
@@ -272,7 +278,8 @@ class AsyncEngine:
     async def embed(self, prompts: list[list[int]], pooling: str = "mean",
                     max_queue: int | None = None) -> list[list[float]]:
         """L2-normalised embeddings ("mean" or "last" pooling) of token-id prompts, computed on the engine
-        thread between generation steps (one prompt per step, no KV cache), so generation keeps going.
+        thread between generation steps (a step's worth of tokens at a time, no KV cache), so generation
+        keeps going.
         ValueError for a bad prompt, QueueFull past `max_queue` prompts waiting for embeddings."""
         if self.error is not None:
             raise EngineDeadError(self.error)
@@ -302,21 +309,27 @@ class AsyncEngine:
                 job.future.cancel()  # the client left: the engine thread drops the rest
 
     def _embed_one(self) -> None:
-        """The next prompt of the oldest embedding request (engine thread)."""
+        """The next prompts of the oldest embedding request, up to --max-batch-tokens (at least one) in
+        one forward (engine thread)."""
         job = self._embeds[0]
         if job.future.cancelled():  # the client left
             self._embeds.pop(0)
             self._embedded(len(job.prompts) - len(job.done))
             return
+        start = end = len(job.done)
+        tokens, budget = 0, min(self._engine.config.max_batch_tokens, EMBED_BATCH_TOKENS)
+        while end < len(job.prompts) and (end == start or tokens + len(job.prompts[end]) <= budget):
+            tokens += len(job.prompts[end])
+            end += 1
         try:
-            job.done.append(self._engine.runner.embed(job.prompts[len(job.done)], job.pooling))
+            job.done.extend(self._engine.runner.embed_many(job.prompts[start:end], job.pooling))
         except Exception as e:  # this request's failure, not the engine's
             log.exception("embedding failed")
             self._embeds.pop(0)
             self._embedded(len(job.prompts) - len(job.done))
             job.loop.call_soon_threadsafe(_settle, job.future, None, RuntimeError(f"embedding failed: {e}"))
             return
-        self._embedded(1)
+        self._embedded(end - start)
         if len(job.done) == len(job.prompts):
             self._embeds.pop(0)
             job.loop.call_soon_threadsafe(_settle, job.future, job.done, None)

@@ -187,9 +187,17 @@ class ModelRunner:
     def embed(self, token_ids: list[int], pooling: str) -> list[float]:
         """An L2-normalised embedding of one sequence: the mean of its final hidden states, or the last
         one (`pooling` "mean" | "last"); prefill only, no KV block used."""
-        hidden = self.model.hidden_states(torch.tensor(token_ids, dtype=torch.long, device=self.device))
-        pooled = hidden.float().mean(dim=0) if pooling == "mean" else hidden[-1].float()
-        return torch.nn.functional.normalize(pooled, dim=0).tolist()  # type: ignore[no-any-return]
+        return self.embed_many([token_ids], pooling)[0]
+
+    @torch.inference_mode()
+    def embed_many(self, prompts: list[list[int]], pooling: str) -> list[list[float]]:
+        """embed for several sequences in one forward (each one's result as if alone)."""
+        seqs = [torch.tensor(ids, dtype=torch.long, device=self.device) for ids in prompts]
+        out = []
+        for hidden in self.model.hidden_states_many(seqs):
+            pooled = hidden.float().mean(dim=0) if pooling == "mean" else hidden[-1].float()
+            out.append(torch.nn.functional.normalize(pooled, dim=0).tolist())
+        return out
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> torch.Tensor:

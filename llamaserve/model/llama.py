@@ -155,20 +155,34 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """One sequence [T] run without the KV cache (causal attention over itself, nothing kept): its
         final hidden states [T, hidden], for embeddings."""
-        x, cos, sin = self.embed(input_ids, torch.arange(input_ids.shape[0], device=input_ids.device))
+        return self.hidden_states_many([input_ids])[0]
+
+    def hidden_states_many(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several sequences in one forward: every linear runs on all their rows at once, attention on
+        each sequence alone (causal over itself), so a sequence's result does not depend on the others."""
+        lens = [int(t.shape[0]) for t in seqs]
+        device = seqs[0].device
+        positions = torch.cat([torch.arange(n, device=device) for n in lens])
+        x, cos, sin = self.embed(torch.cat(seqs), positions)
+        bounds = [(sum(lens[:i]), sum(lens[: i + 1])) for i in range(len(lens))]
         for layer in self.layers:
             block = cast(Block, layer)
             a = cast(Attention, block.attention)
             T, H, Hkv, D = x.shape[0], a.n_heads, a.n_kv, a.head_dim
             qkv = a.wqkv(block.attention_norm(x))
             qk = apply_rope(qkv[:, : (H + Hkv) * D].view(T, H + Hkv, D), cos, sin)
-            q = qk[:, :H].transpose(0, 1)  # [H, T, D]
-            k = qk[:, H:].transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
-            v = qkv[:, (H + Hkv) * D :].view(T, Hkv, D).transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(T, H * D)
-            h = x + a.wo(o.to(x.dtype))
+            v_all = qkv[:, (H + Hkv) * D :].view(T, Hkv, D)
+            outs = []
+            for s, e in bounds:
+                q = qk[s:e, :H].transpose(0, 1)  # [H, n, D]
+                k = qk[s:e, H:].transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
+                v = v_all[s:e].transpose(0, 1).repeat_interleave(H // Hkv, dim=0)
+                outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1)
+                            .reshape(e - s, H * D))
+            h = x + a.wo(torch.cat(outs).to(x.dtype))
             x = h + block.feed_forward(block.ffn_norm(h))
-        return self.norm(x)
+        x = self.norm(x)
+        return [x[s:e] for s, e in bounds]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""

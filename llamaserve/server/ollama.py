@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import AliasChoices, Field, model_validator
 
 from llamaserve.engine.async_engine import AsyncEngine
-from llamaserve.server.embeddings import embed_texts
+from llamaserve.server.embeddings import MAX_INPUTS, embed_texts
 from llamaserve.server.protocol import (
     ChatCompletionRequest,
     FunctionCall,
@@ -210,7 +210,7 @@ class EmbedOptions(StrictRequest):
 class EmbedRequest(StrictRequest):
     model: str
     input: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
-                                                             Field(min_length=1)]
+                                                             Field(min_length=1, max_length=MAX_INPUTS)]
     # true: an input longer than the context (or options.num_ctx) is cut to fit, as asked; otherwise
     # (false, or not given) it is refused
     truncate: bool | None = None

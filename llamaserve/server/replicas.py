@@ -149,6 +149,7 @@ class EngineReplicaImpl:
         self.engine = AsyncEngine(engine)
         self.engine.start()
         self.app = create_app(self.engine, settings, model_name)
+        self.step_timeout = settings.step_timeout
         self.stopped = threading.Event()
         threading.Thread(target=self._push_metrics, name="llamaserve-metrics", daemon=True).start()
         log.info("replica %s: model loaded", self.replica)
@@ -222,8 +223,9 @@ class EngineReplicaImpl:
                 task.cancel()
 
     def check_health(self) -> None:
-        """Ray Serve replaces a replica whose engine failed (as a supervisor restarts a single server)."""
-        if self.engine.error is not None:
+        """Ray Serve replaces a replica whose engine failed or whose step is stuck past --step-timeout
+        (the single server's watchdog and supervisor restart, in Ray's terms)."""
+        if self.engine.check_stuck(self.step_timeout):
             raise RuntimeError(f"engine failed: {self.engine.error}")
 
     def num_in_flight(self) -> int:
@@ -250,7 +252,7 @@ class IngressImpl:
     """The HTTP endpoint: digests the prompt, forwards to an engine replica, streams the answer back."""
 
     def __init__(self, engine: Any, model: str | None, chat_template: str | None, block_size: int,
-                 prefix_routing: bool, max_queue: int, api_keys: tuple[str, ...] = ()) -> None:
+                 max_queue: int, api_keys: tuple[str, ...] = ()) -> None:
         from pathlib import Path
 
         from llamaserve.loader.registry import resolve_model
@@ -258,12 +260,16 @@ class IngressImpl:
 
         self.engine = engine.options(stream=True, method_name="handle")
         self.block_size = block_size
-        self.prefix_routing = prefix_routing
+        self.prefix_routing = True  # set by reconfigure from the deployment's user_config
         self.max_queue = max_queue
         self.api_keys = api_keys
         self.tokenizer = load_tokenizer(resolve_model(model), Path(chat_template) if chat_template else None)
         self.in_flight = 0
         self.draining = False
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Ray Serve's user_config: changed in place, without restarting the ingress or the engines."""
+        self.prefix_routing = bool(config.get("prefix_routing", True))
 
     def drain(self) -> int:
         """Refuse new requests from now on (503); the requests still in flight."""
@@ -317,7 +323,7 @@ class IngressImpl:
     async def _forward(self, request: Any) -> Any:
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import JSONResponse, Response, StreamingResponse
 
         from llamaserve.server.affinity import request_digests
         from llamaserve.server.protocol import error_for_path
@@ -356,6 +362,16 @@ class IngressImpl:
             except StopAsyncIteration:
                 return error(502, "the replica gave no response", "replica_failed")
         media = dict(start["headers"]).get("content-type", "").split(";")[0]
+        passthrough = {k: v for k, v in start["headers"] if k.lower() not in ("content-length",)}
+        if media not in STREAM_ERRORS:  # a JSON answer: whole, or an error, never a cut body with a 200
+            parts = []
+            try:
+                async for chunk in stream:
+                    parts.append(chunk["body"])
+            except RayActorError:
+                return error(503, "the replica serving this request failed before it finished; retry",
+                             "replica_failed", {"Retry-After": "1"})
+            return Response(b"".join(parts), status_code=start["status"], headers=passthrough)
 
         async def body_chunks() -> AsyncIterator[bytes]:
             try:
@@ -368,7 +384,6 @@ class IngressImpl:
             finally:
                 stream.cancel()  # the client left (or we are done): the replica sees a disconnect
 
-        passthrough = {k: v for k, v in start["headers"] if k.lower() not in ("content-length",)}
         return StreamingResponse(body_chunks(), status_code=start["status"], headers=passthrough,
                                  media_type=None)
 
@@ -400,6 +415,7 @@ def deployments(plan: ReplicaPlan, config: EngineConfig, settings: ServerSetting
     engine = serve.deployment(EngineReplicaImpl, name="EngineReplica", **options)
     ingress = serve.deployment(IngressImpl, name="Ingress", num_replicas=1, max_ongoing_requests=100_000,
                                ray_actor_options={"num_cpus": 0},
+                               user_config={"prefix_routing": plan.prefix_routing},
                                graceful_shutdown_timeout_s=settings.drain_timeout + 5,
                                graceful_shutdown_wait_loop_s=0.5)
     return engine, ingress
@@ -410,8 +426,7 @@ def build_app(plan: ReplicaPlan, config: EngineConfig, settings: ServerSettings,
     engine, ingress = deployments(plan, config, settings)
     threads = max(1, int(plan.num_cpus)) if plan.num_cpus else 1
     bound = engine.bind(model, config, settings, chat_template, model_name, threads)
-    return ingress.bind(bound, model, chat_template, config.block_size, plan.prefix_routing,
-                        settings.max_queue, settings.api_keys)
+    return ingress.bind(bound, model, chat_template, config.block_size, settings.max_queue, settings.api_keys)
 
 
 APP_ARGS = {"model", "chat_template", "replicas", "num_cpus_per_replica", "num_gpus_per_replica",

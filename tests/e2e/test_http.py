@@ -108,6 +108,8 @@ def _api_routes(server: Live) -> list[tuple[str, str]]:
     for route in _flat(server.app.routes):
         if not isinstance(route, APIRoute) or route.path == "/health" or route.path in DOC_PATHS:
             continue
+        if route.path == "/" or route.path.startswith("/ui/"):  # the playground: open, it asks for the key
+            continue
         path = route.path.replace("{model_id:path}", MODEL)
         routes += [(method, path) for method in sorted(route.methods)]
     return routes

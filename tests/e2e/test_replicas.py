@@ -40,9 +40,8 @@ class Deployment:
         self.url = f"http://127.0.0.1:{self.port}"
         self.settings = ServerSettings(port=self.port, api_keys=(KEY,), drain_timeout=10)
 
-    def deploy(self, prefix_routing: bool = True) -> None:
-        plan = replicas.ReplicaPlan(replicas=2, num_cpus=1, health_check_period_s=1,
-                                    prefix_routing=prefix_routing)
+    def deploy(self) -> None:
+        plan = replicas.ReplicaPlan(replicas=2, num_cpus=1, health_check_period_s=1)
         replicas.start(plan, CONFIG, self.settings, None, None, MODEL)
 
     def chat(self, messages: list[dict], **fields: object) -> httpx.Response:
@@ -133,11 +132,14 @@ def test_prefix_routing_keeps_a_shared_prompt_on_one_replica_and_raises_the_hit_
         deployment: Deployment) -> None:
     on, where = hit_rate(deployment, 100)
     assert all(len(r) == 1 for r in where.values()), where  # each system prompt stayed on one replica
-    deployment.deploy(prefix_routing=False)  # only the ingress changes: the engines keep running
+    engines = deployment.replica_ids()
+    ingress = serve.get_deployment_handle("Ingress", app_name=replicas.APP_NAME)
+    ingress.reconfigure.remote({"prefix_routing": False}).result()  # what its user_config sets
     try:
         off, where_off = hit_rate(deployment, 200)
     finally:
-        deployment.deploy(prefix_routing=True)
+        ingress.reconfigure.remote({"prefix_routing": True}).result()
+    assert deployment.replica_ids() == engines  # the same engines served both halves
     print(f"prefix-cache hit rate: {on:.2f} with prefix routing, {off:.2f} without; without: {where_off}")
     assert on > off
 

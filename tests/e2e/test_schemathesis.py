@@ -63,10 +63,27 @@ def accepted_unless_a_model_limit(ctx, response, case) -> bool | None:  # noqa: 
 schema = schemathesis.openapi.from_dict(create_app(None, ServerSettings()).openapi())
 
 
-@schema.parametrize()
-@settings(max_examples=int(os.environ.get("LLAMASERVE_FUZZ_EXAMPLES", "10")), deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-def test_all_checks(case: schemathesis.Case, fuzz_server: Live) -> None:
-    case.call_and_validate(base_url=fuzz_server.url, headers=fuzz_server.headers, timeout=60,
+EXAMPLES = int(os.environ.get("LLAMASERVE_FUZZ_EXAMPLES", "10"))
+# The embedding routes take up to 2,048 inputs a request, embedded one forward each: generated lists make
+# an example cost seconds, so they get a fifth of the examples (make stress: 20 each).
+EMBEDDINGS = r"^/(v1/embeddings|api/embed)$"
+
+
+def _call(case: schemathesis.Case, live: Live) -> None:
+    case.call_and_validate(base_url=live.url, headers=live.headers, timeout=60,
                            excluded_checks=[positive_data_acceptance],
                            additional_checks=[accepted_unless_a_model_limit])
+
+
+@schema.exclude(path_regex=EMBEDDINGS).parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+def test_all_checks(case: schemathesis.Case, fuzz_server: Live) -> None:
+    _call(case, fuzz_server)
+
+
+@schema.include(path_regex=EMBEDDINGS).parametrize()
+@settings(max_examples=max(2, EXAMPLES // 5), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+def test_all_checks_on_the_embedding_routes(case: schemathesis.Case, fuzz_server: Live) -> None:
+    _call(case, fuzz_server)

@@ -217,3 +217,22 @@ def test_prompt_that_does_not_fit_is_refused_with_numbers(smollm_parts):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.add_request("y", [1] * 4, SamplingParams(logit_bias={10**6: 1.0}))
     assert not engine.requests and engine.scheduler.num_waiting == 0
+
+
+@pytest.mark.parametrize("quantization", ["none", "auto"])
+def test_embeddings_in_one_forward_equal_each_alone(smollm_parts, quantization):
+    """Embedding inputs run several to a forward (linears on all rows, attention per input); each
+    input's vector is the one it gets alone: bit for bit on our kernels (auto), and within float32
+    rounding on torch's dense matmul (none), whose summation order depends on the number of rows."""
+    model = smollm_parts[0] if quantization == "none" else load_model(None, quantization=quantization)[0]
+    engine = make_engine((model, smollm_parts[1]))
+    runner = engine.runner
+    prompts = [chat_ids(engine, q) for q in QUESTIONS[:3]] + [[1, 2, 3]]
+    together = runner.embed_many(prompts, "mean")
+    for prompt, vector in zip(prompts, together, strict=True):
+        alone = runner.embed(prompt, "mean")
+        if quantization == "auto":
+            assert vector == alone
+        assert torch.allclose(torch.tensor(vector), torch.tensor(alone), atol=1e-4, rtol=0)
+    first = runner.embed_many(prompts[::-1], "last")[0]
+    assert torch.allclose(torch.tensor(first), torch.tensor(runner.embed(prompts[-1], "last")), atol=1e-4)

@@ -51,6 +51,9 @@ def test_the_router_bound_is_the_replicas_own_queue_bound() -> None:
     a = auto._deployment_config.autoscaling_config
     assert (a.min_replicas, a.max_replicas, a.target_ongoing_requests) == (1, 4, 8)
     assert ingress._deployment_config.num_replicas == 1
+    assert ingress._deployment_config.user_config == {"prefix_routing": True}
+    _, off = deployments(ReplicaPlan(prefix_routing=False), config, settings)
+    assert off._deployment_config.user_config == {"prefix_routing": False}
 
 
 def test_the_kuberay_builder_takes_known_args_only(monkeypatch: pytest.MonkeyPatch) -> None:
