@@ -252,7 +252,8 @@ class IngressImpl:
     """The HTTP endpoint: digests the prompt, forwards to an engine replica, streams the answer back."""
 
     def __init__(self, engine: Any, model: str | None, chat_template: str | None, block_size: int,
-                 max_queue: int, api_keys: tuple[str, ...] = ()) -> None:
+                 max_queue: int, api_keys: tuple[str, ...] = (),
+                 max_body_bytes: int = 4 * 1024 * 1024) -> None:
         from pathlib import Path
 
         from llamaserve.loader.registry import resolve_model
@@ -263,6 +264,7 @@ class IngressImpl:
         self.prefix_routing = True  # set by reconfigure from the deployment's user_config
         self.max_queue = max_queue
         self.api_keys = api_keys
+        self.max_body_bytes = max_body_bytes
         self.tokenizer = load_tokenizer(resolve_model(model), Path(chat_template) if chat_template else None)
         self.in_flight = 0
         self.draining = False
@@ -301,6 +303,19 @@ class IngressImpl:
         response.body_iterator = counted()
         return response
 
+    async def _body(self, request: Any) -> bytes | None:
+        """The body, or None once it passes max_body_bytes (by Content-Length or as it streams in)."""
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return None
+        parts, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            parts.append(chunk)
+        return b"".join(parts)
+
     async def _metrics(self, request: Any) -> Any:
         """Every live replica's metrics, each sample labelled with its replica (pushed every 2 s); the
         key check is the replicas' own (GuardMiddleware's)."""
@@ -328,9 +343,17 @@ class IngressImpl:
         from llamaserve.server.affinity import request_digests
         from llamaserve.server.protocol import error_for_path
 
-        body = await request.body()
-        headers = [(k, v) for k, v in request.headers.items()]
         path = request.url.path
+        body = await self._body(request)
+        if body is None:  # past --max-body-bytes: refused here, before it is all read into memory
+            from starlette.responses import JSONResponse
+
+            from llamaserve.server.protocol import error_for_path
+
+            return JSONResponse(error_for_path(path, 413, f"request body exceeds {self.max_body_bytes} bytes",
+                                               "invalid_request_error", None, "request_too_large"),
+                                status_code=413)
+        headers = [(k, v) for k, v in request.headers.items()]
         if path == "/metrics" and request.method == "GET":
             return await self._metrics(request)
         digests: list[str] = []
@@ -426,7 +449,8 @@ def build_app(plan: ReplicaPlan, config: EngineConfig, settings: ServerSettings,
     engine, ingress = deployments(plan, config, settings)
     threads = max(1, int(plan.num_cpus)) if plan.num_cpus else 1
     bound = engine.bind(model, config, settings, chat_template, model_name, threads)
-    return ingress.bind(bound, model, chat_template, config.block_size, settings.max_queue, settings.api_keys)
+    return ingress.bind(bound, model, chat_template, config.block_size, settings.max_queue, settings.api_keys,
+                        settings.max_body_bytes)
 
 
 APP_ARGS = {"model", "chat_template", "replicas", "num_cpus_per_replica", "num_gpus_per_replica",

@@ -95,6 +95,11 @@ def test_api_keys_are_enforced_at_the_endpoint_in_each_apis_shape(deployment: De
     r = httpx.post(f"{deployment.url}/v1/chat/completions", headers=HEADERS, json={"messages": []},
                    timeout=60)
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    # a body past --max-body-bytes is refused at the endpoint, in the route's shape
+    big = b'{"prompt": "' + b"x" * (deployment.settings.max_body_bytes + 10) + b'"}'
+    r = httpx.post(f"{deployment.url}/v1/completions", headers=HEADERS | {"content-type": "application/json"},
+                   content=big, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
 def test_metrics_report_every_replica_behind_the_key(deployment: Deployment) -> None:
