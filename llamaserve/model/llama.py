@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import cast
 
@@ -164,7 +165,8 @@ class Transformer(nn.Module):
         device = seqs[0].device
         positions = torch.cat([torch.arange(n, device=device) for n in lens])
         x, cos, sin = self.embed(torch.cat(seqs), positions)
-        bounds = [(sum(lens[:i]), sum(lens[: i + 1])) for i in range(len(lens))]
+        ends = list(itertools.accumulate(lens))
+        bounds = list(zip([0] + ends[:-1], ends, strict=True))
         for layer in self.layers:
             block = cast(Block, layer)
             a = cast(Attention, block.attention)

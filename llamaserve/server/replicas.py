@@ -228,9 +228,6 @@ class EngineReplicaImpl:
         if self.engine.check_stuck(self.step_timeout):
             raise RuntimeError(f"engine failed: {self.engine.error}")
 
-    def num_in_flight(self) -> int:
-        return self.engine.num_in_flight
-
     def __del__(self) -> None:  # after Ray Serve's graceful drain: stop the engine thread
         if hasattr(self, "stopped"):
             self.stopped.set()
@@ -263,8 +260,10 @@ class IngressImpl:
         self.block_size = block_size
         self.prefix_routing = True  # set by reconfigure from the deployment's user_config
         self.max_queue = max_queue
-        self.api_keys = api_keys
         self.max_body_bytes = max_body_bytes
+        from llamaserve.server.auth import GuardMiddleware
+
+        self.guard = GuardMiddleware(None, api_keys, max_body_bytes)  # the replicas' key check, for /metrics
         self.tokenizer = load_tokenizer(resolve_model(model), Path(chat_template) if chat_template else None)
         self.in_flight = 0
         self.draining = False
@@ -322,12 +321,10 @@ class IngressImpl:
         from prometheus_client import CONTENT_TYPE_LATEST
         from starlette.responses import JSONResponse, Response
 
-        from llamaserve.server.auth import GuardMiddleware
         from llamaserve.server.metrics import with_replica_label
         from llamaserve.server.protocol import error_for_path
 
-        guard = GuardMiddleware(None, self.api_keys, 1024)
-        if guard._key_index({"path": "/metrics", "headers": request.scope["headers"]}) is None:
+        if self.guard._key_index({"path": "/metrics", "headers": request.scope["headers"]}) is None:
             return JSONResponse(error_for_path("/metrics", 401, "missing or invalid API key",
                                                "authentication_error", None, "invalid_api_key"),
                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
@@ -463,6 +460,13 @@ def ray_app(args: dict[str, Any]) -> Any:
     also from LLAMASERVE_API_KEYS. An unknown key is an error, not ignored."""
     from llamaserve.loader.registry import DEFAULT_MODEL
 
+    plan, config, settings = app_settings(args)
+    model = args.get("model")
+    return build_app(plan, config, settings, model, args.get("chat_template"), model or DEFAULT_MODEL)
+
+
+def app_settings(args: dict[str, Any]) -> tuple[ReplicaPlan, EngineConfig, ServerSettings]:
+    """ray_app's args as the plan, engine config and server settings (absent keys: the CLI's defaults)."""
     unknown = set(args) - APP_ARGS
     if unknown:
         raise ValueError(f"unknown llamaserve app args {sorted(unknown)}; known: {sorted(APP_ARGS)}")
@@ -479,8 +483,7 @@ def ray_app(args: dict[str, Any]) -> Any:
         os.environ.get("LLAMASERVE_API_KEYS", "")
     keys = [k.strip() for k in text.split(",") if k.strip()]
     settings = ServerSettings(api_keys=tuple(keys), max_queue=int(args.get("max_queue", d.max_queue)))
-    model = args.get("model")
-    return build_app(plan, config, settings, model, args.get("chat_template"), model or DEFAULT_MODEL)
+    return plan, config, settings
 
 
 def start(plan: ReplicaPlan, config: EngineConfig, settings: ServerSettings, model: str | None,

@@ -8,6 +8,7 @@ of 'self' makes the browser refuse any other host too. The page needs no key to 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,13 @@ DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop")
 router = APIRouter(include_in_schema=False)
 
 
+@functools.cache
+def _read(name: str) -> bytes:  # the package's files do not change while it runs: read each once
+    return (UI_DIR / name).read_bytes()
+
+
 def _file(name: str, media_type: str) -> Response:
-    return Response((UI_DIR / name).read_bytes(), media_type=media_type, headers=HEADERS)
+    return Response(_read(name), media_type=media_type, headers=HEADERS)
 
 
 @router.get("/")

@@ -7,7 +7,14 @@ import argparse
 import pytest
 
 from llamaserve.config import EngineConfig
-from llamaserve.server.replicas import ReplicaPlan, add_replica_args, deployments, ray_app, replica_plan
+from llamaserve.server.replicas import (
+    ReplicaPlan,
+    add_replica_args,
+    app_settings,
+    deployments,
+    ray_app,
+    replica_plan,
+)
 from llamaserve.server.settings import ServerSettings
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'llamaserve[ray]')")
@@ -58,7 +65,10 @@ def test_the_router_bound_is_the_replicas_own_queue_bound() -> None:
 
 def test_the_kuberay_builder_takes_known_args_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMASERVE_API_KEYS", "from-env")
-    app = ray_app({"replicas": "2", "api_keys": ["k1"], "max_num_seqs": 4, "prefix_routing": "false"})
-    assert app is not None
+    args = {"replicas": "2", "api_keys": ["k1"], "max_num_seqs": 4, "prefix_routing": "false"}
+    plan, config, settings = app_settings(args)
+    assert (plan.replicas, plan.prefix_routing, config.max_num_seqs) == (2, False, 4)
+    assert settings.api_keys == ("k1", "from-env")
+    assert type(ray_app(args)).__name__ == "Application"
     with pytest.raises(ValueError, match="unknown llamaserve app args"):
         ray_app({"replicas": 2, "num_replica": 3})
