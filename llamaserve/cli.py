@@ -36,6 +36,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="cap on running sequences")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
                    help="per-step token budget (longer prompts are prefilled in chunks)")
+    p.add_argument("--no-prefill-priority", dest="prefill_priority", action="store_false",
+                   help="mix new prompts into the running sequences' steps instead of giving them a step "
+                        "of their own first (steadier time per token, later first tokens under load)")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context length (0: model's)")
     p.add_argument("--block-size", type=int, default=d.block_size, help="KV-cache block size in tokens")
 
@@ -57,7 +60,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
         kv_cache_dtype=args.kv_cache_dtype,
         max_batch_tokens=args.max_batch_tokens, max_model_len=args.max_model_len, dtype=args.dtype,
-        device=args.device, quantization=args.quantization, compile=args.compile,
+        prefill_priority=args.prefill_priority, device=args.device, quantization=args.quantization,
+        compile=args.compile,
     )
 
 

@@ -138,6 +138,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 | int8
     max_num_seqs: int = 64  # cap on running sequences
     max_batch_tokens: int = 512  # per-step token budget; longer prompts are prefilled in chunks
+    prefill_priority: bool = True  # new prompts get a step of their own before the running decodes
     max_model_len: int = 0  # 0: the model's context length
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda

@@ -127,17 +127,18 @@ class BlockManager:
         self.free(seq)
         seq.num_computed_tokens = seq.num_cached_tokens = 0
 
-    def _num_missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+    def num_missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+        """Blocks seq lacks to compute num_new_tokens more tokens."""
         needed = self.num_blocks_for(seq.num_computed_tokens + num_new_tokens)
         return max(0, needed - len(seq.block_table))
 
     def can_fit(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Whether the free blocks suffice to compute num_new_tokens more tokens of seq."""
-        return self._num_missing_blocks(seq, num_new_tokens) <= self.num_free_blocks
+        return self.num_missing_blocks(seq, num_new_tokens) <= self.num_free_blocks
 
     def ensure_slots(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grow seq.block_table to hold num_new_tokens more tokens; all or nothing."""
-        missing = self._num_missing_blocks(seq, num_new_tokens)
+        missing = self.num_missing_blocks(seq, num_new_tokens)
         if missing > self.num_free_blocks:
             return False
         for _ in range(missing):

@@ -1,4 +1,11 @@
-"""Decides each step which sequences run and how many tokens each computes (chunked prefill, FCFS)."""
+"""Decides each step which sequences run and how many tokens each computes (chunked prefill, FCFS).
+
+New prompts come first (prefill priority, as SGLang and vLLM's V0 scheduler do): when sequences wait
+and slots are free, a step computes only the newly admitted prompts' first chunks, so their first tokens
+do not wait for the whole batch's decode; the next step is the running sequences' (with any admissions
+left over), so decodes are never skipped twice in a row. On our kernels a mixed step runs its decodes and
+its prefill chunks as two forwards anyway, so splitting them costs little more than one extra sampling.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the youngest
         self.num_preemptions = 0  # over the engine's lifetime
+        self._last_was_prefill_only = False  # the previous step skipped the running sequences
 
     @property
     def num_running(self) -> int:
@@ -62,10 +70,25 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work: running sequences first, then waiting ones while budget and blocks last."""
         out = SchedulerOutput()
+        if (self.config.prefill_priority and self.waiting and self.running
+                and not self._last_was_prefill_only and len(self.running) < self.config.max_num_seqs):
+            # Only what leaves the running sequences the blocks of their own next step: a new prompt
+            # never causes a running sequence's preemption.
+            self._admit_waiting(out, self.config.max_batch_tokens, reserve=self._next_step_blocks())
+            if out.scheduled:
+                self._last_was_prefill_only = True
+                return out
+        self._last_was_prefill_only = False
         budget = self._schedule_running(out, self.config.max_batch_tokens)
         if not out.preempted:
             self._admit_waiting(out, budget)
         return out
+
+    def _next_step_blocks(self) -> int:
+        """Blocks the running sequences lack for a step of theirs (at most the budget each)."""
+        budget = self.config.max_batch_tokens
+        return sum(self.block_manager.num_missing_blocks(s, min(s.num_uncomputed_tokens, budget))
+                   for s in self.running)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         i = 0
@@ -89,14 +112,16 @@ class Scheduler:
                 i += 1
         return budget
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, reserve: int = 0) -> None:
+        """Admit from the head of waiting while budget, slots and blocks last, leaving `reserve` blocks."""
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             self._check_fits_pool(seq)
             bm.allocate_prompt(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if not bm.ensure_slots(seq, num_new):
+            if bm.num_missing_blocks(seq, num_new) + reserve > bm.num_free_blocks or not bm.ensure_slots(
+                    seq, num_new):
                 bm.cancel_prompt(seq)
                 break  # first come, first served: nobody overtakes the head
             self.waiting.popleft()

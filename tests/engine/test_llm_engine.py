@@ -50,11 +50,13 @@ def test_batched_greedy_equals_one_by_one(smollm_parts, quantization):
 
 
 @pytest.mark.skipif(not native.available(), reason="no AVX2 CPU or no C compiler: no fused decode")
-def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts):
+@pytest.mark.parametrize("prefill_priority", [False, True])
+def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts, prefill_priority):
     """int4 runs decode tokens fused (one C call) and prefill chunks layer by layer; a step holding both
-    runs them as two forwards, so a sequence's decode never changes path when a prefill joins it."""
+    runs them as two forwards, so a sequence's decode never changes path when a prefill joins it. With
+    prefill priority (the default) an arrival's first chunk has a step of its own instead."""
     model = load_model(None, quantization="int4")[0]
-    engine = make_engine((model, smollm_parts[1]))
+    engine = make_engine((model, smollm_parts[1]), prefill_priority=prefill_priority)
     assert engine.runner.fused is not None
     prompts = [chat_ids(engine, q) for q in QUESTIONS[:4]]
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
@@ -83,7 +85,11 @@ def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts):
             tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
         if not engine.has_unfinished:
             break
-    assert forwards.count(2) >= 3  # three arrivals: each prefill ran beside decodes, as its own forward
+    if prefill_priority:  # r1's and r2's prompts ran alone; r3 came right after r2's step, so it joined
+        assert forwards.count(2) == 1  # the decodes (never two prefill-only steps in a row)
+        assert sum(1 for fused, c in calls if not fused and len(c) == 1 and c[0] > 1) == 4
+    else:
+        assert forwards.count(2) >= 3  # three arrivals: each prefill ran beside decodes, as its own forward
     # never one mixed forward: decode tokens run fused, prompt chunks on the layer path
     assert all(all(n == 1 for n in c) for fused, c in calls if fused)
     assert any(not fused for fused, _ in calls)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llamaserve.engine.sampler import Sampler
+from llamaserve.engine.sampler import Sampler, _draw
 from llamaserve.engine.sampling_params import SamplingParams
 from llamaserve.engine.sequence import Sequence
 
@@ -225,3 +225,47 @@ def test_seeded_temperature_draws_follow_softmax() -> None:
         counts[sampler.sample(logits, [seq]).token_ids[0]] += 1
     expected = torch.softmax(logits[0], dim=-1) * 3000
     assert ((counts - expected) ** 2 / expected).sum().item() < 25.0
+
+
+def _reference_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The textbook inverse CDF over the whole row, in float64."""
+    cdf = probs.double().cumsum(dim=-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)[:, 0]
+
+
+@pytest.mark.parametrize("vocab", [5, 256, 1000, 49152])
+def test_two_level_draw_is_the_inverse_cdf(vocab: int) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    probs = torch.softmax(torch.randn(64, vocab, generator=gen) * 4, dim=-1)
+    u = torch.rand(64, dtype=torch.float64, generator=gen)
+    drawn = _draw(probs, u)
+    reference = _reference_draw(probs, u)
+    # Two-level sums round differently from one long cumsum only where u lands within ~1e-12 of a
+    # boundary: with these draws, never.
+    assert torch.equal(drawn, reference)
+
+
+def test_draw_never_picks_a_zero_probability_token() -> None:
+    vocab = 700  # not a multiple of the 256-token blocks: the last block is padded
+    probs = torch.zeros(6, vocab)
+    probs[0, 3] = 1.0  # one token only, in the first block
+    probs[1, vocab - 1] = 1.0  # the last real token, next to the padding
+    probs[2, [255, 256]] = 0.5  # either side of a block boundary
+    probs[3, 300:310] = 0.1  # a block whose first and last tokens are 0
+    probs[4, 0] = 1e-30  # a tiny mass beside a big one
+    probs[4, 699] = 1.0
+    probs[5, 511] = 1.0  # the last token of a block, followed by empty blocks
+    for u in [0.0, 1e-300, 0.5, 1 - 2**-53, math.nextafter(1.0, 0.0)]:
+        drawn = _draw(probs, torch.full((6,), u, dtype=torch.float64))
+        assert all(probs[r, t] > 0 for r, t in enumerate(drawn.tolist())), (u, drawn.tolist())
+    assert _draw(probs[2:3], torch.tensor([0.25], dtype=torch.float64)).item() == 255
+    assert _draw(probs[2:3], torch.tensor([0.75], dtype=torch.float64)).item() == 256
+
+
+def test_a_rows_draw_does_not_depend_on_the_batch() -> None:
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(16, 49152, generator=gen), dim=-1)
+    u = torch.rand(16, dtype=torch.float64, generator=gen)
+    together = _draw(probs, u)
+    alone = torch.cat([_draw(probs[i : i + 1], u[i : i + 1]) for i in range(16)])
+    assert torch.equal(together, alone)

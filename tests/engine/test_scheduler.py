@@ -13,9 +13,12 @@ from llamaserve.engine.sequence import Sequence, SequenceStatus
 
 
 def make_scheduler(
-    num_blocks: int, max_batch_tokens: int = 512, max_num_seqs: int = 64, max_model_len: int = 4096
+    num_blocks: int, max_batch_tokens: int = 512, max_num_seqs: int = 64, max_model_len: int = 4096,
+    prefill_priority: bool = False,
 ) -> Scheduler:
-    config = EngineConfig(block_size=16, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs)
+    """Mixed steps unless asked (most tests here are about budgets and chunks within one step)."""
+    config = EngineConfig(block_size=16, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
+                          prefill_priority=prefill_priority)
     return Scheduler(config, BlockManager(num_blocks, 16), max_model_len)
 
 
@@ -256,4 +259,55 @@ def test_a_sequence_aborted_during_a_step_is_left_alone() -> None:
     sched.finish(seq, "abort")  # e.g. the client disconnected while the model ran
     sched.on_step_done(out)
     assert seq.num_computed_tokens == 0 and seq.block_table == []
+    assert_pool_empty(sched)
+
+
+def test_prefill_priority_gives_a_new_prompt_a_step_of_its_own_then_the_decodes_theirs() -> None:
+    sched = make_scheduler(num_blocks=32, max_batch_tokens=32, prefill_priority=True)
+    a = make_seq(0, list(range(10)), max_tokens=20)
+    sched.add(a)
+    assert planned(step(sched)) == [(0, 10)]  # nothing runs yet: an ordinary step
+    assert planned(step(sched)) == [(0, 1)]
+    b = make_seq(1, list(range(100, 200)), max_tokens=2)
+    c = make_seq(2, list(range(300, 305)), max_tokens=2)
+    sched.add(b)
+    sched.add(c)
+    assert planned(step(sched)) == [(1, 32)]  # b's first chunk alone, before a's decode
+    # Then a decodes and b goes on in chunks (never two prefill-only steps in a row); c found no budget.
+    assert planned(step(sched)) == [(0, 1), (1, 31)]
+    assert planned(step(sched)) == [(2, 5)]  # c's turn: the step before was the running ones'
+    assert planned(step(sched)) == [(0, 1), (1, 31)]  # c decodes too, but the budget ran out
+    assert planned(step(sched)) == [(0, 1), (1, 6), (2, 1)]  # b samples its first token
+    run_all(sched)
+    assert (a.num_tokens, b.num_tokens, c.num_tokens) == (30, 102, 7)
+    assert_pool_empty(sched)
+
+
+def test_prefill_priority_never_takes_the_blocks_a_running_decode_needs() -> None:
+    # a's prompt fills its 2 blocks exactly, so its first decode needs the pool's third. b would fit in
+    # it, and be preempted for a at once: b waits for an ordinary step instead.
+    sched = make_scheduler(num_blocks=3, max_batch_tokens=64, prefill_priority=True)
+    a = make_seq(0, list(range(32)), max_tokens=4)
+    sched.add(a)
+    step(sched)
+    b = make_seq(1, list(range(100, 110)), max_tokens=2)
+    sched.add(b)
+    out = step(sched)
+    assert planned(out) == [(0, 1)] and not out.preempted
+    assert sched.num_waiting == 1 and sched.num_preemptions == 0
+    run_all(sched)
+    assert sched.num_preemptions == 0
+    assert_pool_empty(sched)
+
+
+def test_prefill_priority_waits_for_a_free_slot() -> None:
+    sched = make_scheduler(num_blocks=32, max_num_seqs=1, prefill_priority=True)
+    a = make_seq(0, list(range(10)), max_tokens=3)
+    sched.add(a)
+    step(sched)
+    sched.add(make_seq(1, list(range(100, 110)), max_tokens=2))
+    assert planned(step(sched)) == [(0, 1)]
+    assert planned(step(sched)) == [(0, 1)]  # a finishes here
+    assert planned(step(sched)) == [(1, 10)]
+    run_all(sched)
     assert_pool_empty(sched)
