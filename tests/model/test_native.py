@@ -87,6 +87,16 @@ def test_matmul_matches_the_reference_within_activation_rounding(qtype, m_rows, 
     assert ((y - ref.float()).norm() / ref.norm()).item() < 0.02
 
 
+@pytest.mark.parametrize("qtype", [q for q in formats.FORMATS if q not in (QT.Q2_K, QT.Q3_K)],
+                         ids=lambda q: q.name)
+def test_packed_weights_take_the_bytes_of_the_file(qtype):
+    """Re-laid out, not grown: what a 7B file holds is what RSS holds (Q4_K's 6-bit scales and mins in
+    12 bytes per 8 sub-blocks, as in GGUF). Q2_K and Q3_K keep their values as nibbles (more bytes)."""
+    raw = random_blocks(qtype, 16, 512, seed=1)
+    bufs = formats.pack(qtype, formats.unpack(qtype, raw, 16, 512))
+    assert sum(t.numel() * t.element_size() for t in bufs.values()) == raw.nbytes
+
+
 @needs_native
 def test_parts_of_different_types_fill_their_own_columns(two_threads):
     """A fused q/k/v whose v is Q6_K: three parts, each writing its rows' columns of y."""
@@ -111,6 +121,8 @@ def test_the_c_side_refuses_what_it_cannot_trust():
         native.NativeWeight(288, [(QT.Q4_K, bufs)])  # k not a multiple of 256 for a K type
     with pytest.raises(ValueError, match="refused"):
         native.NativeWeight(256, [(QT.Q4_K, {**bufs, "sc": torch.empty(0, dtype=torch.int8)})])  # no scales
+    with pytest.raises(ValueError, match="refused"):  # Q4_K's mins live with its scales: a separate one is
+        native.NativeWeight(256, [(QT.Q4_K, {**bufs, "mn": torch.zeros(8, dtype=torch.int8)})])  # an error
     weight = native.NativeWeight(256, [(QT.Q4_K, bufs)])
     with pytest.raises(ValueError, match="does not fit"):
         weight.matmul(torch.zeros(1, 128))

@@ -13,7 +13,11 @@
 //       vector h's byte [r][e] holding bits 4-5 of value 4 (4h + j) + e in its bits 2j, 2j + 1;
 //   d/m float16 [8] (one per row) scale and min: per block for Q4_0..Q5_1 and Q8_0; per super-block of
 //       256 (every 8 blocks) for K types, whose sub-blocks (32 values, or 16 for Q2_K/Q3_K/Q6_K) carry
-//   sc/mn int8 [sub-blocks][8] scale and min multipliers.
+//   sc/mn int8 [sub-blocks][8] scale and min multipliers; for Q4_K and Q5_K instead (their 6-bit
+//       scales and mins in GGUF's 12 bytes per 8 sub-blocks, not 16) 12 bytes in sc per block, mn
+//       unused: byte r (< 8) holds row r's low 4 bits of scale and (high nibble) of min, and the
+//       little-endian uint32 at byte 8 the top 2 bits, of the scale in bits 2r, 2r + 1, of the min in
+//       bits 16 + 2r, 17 + 2r.
 // A value u (unsigned) stands for w = scale * (u - zp) + min: zp is 8 for Q4_0, 16 for Q5_0, 4 for Q3_K,
 // 32 for Q6_K and 0 otherwise; K types' scale is d * sc and their min -dmin * mn. These are GGUF's own
 // numbers, exactly (a float16 times a small integer is exact in float32).
@@ -115,8 +119,9 @@ AI void group_u(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
     const uint8_t *hi = HI ? p->hi + g * nb * 32 * HI : NULL;
     const int64_t nscale = KQ ? nb / 8 : nb;
     const uint16_t *d = p->d + g * nscale * 8, *m = HASM ? p->m + g * nscale * 8 : NULL;
-    const int8_t *sc = KQ ? p->sc + g * nb * ns * 8 : NULL;
-    const int8_t *mn = KQ && HASM ? p->mn + g * nb * ns * 8 : NULL;
+    const int SM12 = KQ && HASM && !SUB16;  // Q4_K, Q5_K: scale and min in 12 bytes per block
+    const int8_t *sc = KQ ? p->sc + g * nb * (SM12 ? 12 : ns * 8) : NULL;
+    const int8_t *mn = KQ && HASM && !SM12 ? p->mn + g * nb * ns * 8 : NULL;
     const __m256i low = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10), bits45 = _mm256_set1_epi8(0x30);
     __m256 acc[MTILE], accm[MTILE], dS, mS = _mm256_setzero_ps();
     for (int j = 0; j < MTILE; j++) acc[j] = accm[j] = _mm256_setzero_ps();
@@ -159,6 +164,21 @@ AI void group_u(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
         if (KQ) {
             dS = cvt_f16x8(d + b / 8 * 8);  // (reloaded each block: cheaper than a branch here)
             if (HASM) mS = cvt_f16x8(m + b / 8 * 8);
+            if (SM12) {
+                const int8_t *r = sc + b * 12;
+                const __m256i lo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)r));
+                int32_t top;
+                memcpy(&top, r + 8, sizeof top);
+                const __m256i t = _mm256_set1_epi32(top), three = _mm256_set1_epi32(3);
+                const __m256i at = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+                const __m256i s6 = _mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi32(15)),
+                                                   _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(t, at), three), 4));
+                const __m256i m6 = _mm256_or_si256(
+                    _mm256_srli_epi32(lo, 4),
+                    _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(t, _mm256_add_epi32(at, _mm256_set1_epi32(16))), three), 4));
+                s8[0] = _mm256_mul_ps(dS, _mm256_cvtepi32_ps(s6));
+                m8[0] = _mm256_mul_ps(mS, _mm256_cvtepi32_ps(m6));  // subtracted below
+            } else
             for (int h = 0; h < ns; h++) {
                 s8[h] = _mm256_mul_ps(dS, cvt_i8x8(sc + (b * ns + h) * 8));
                 m8[h] = HASM ? _mm256_mul_ps(mS, cvt_i8x8(mn + (b * ns + h) * 8))  // subtracted below
@@ -310,7 +330,9 @@ int ls_linear_check(const ls_linear *lin) {
         if (f < LS_Q4_0 || f >= LS_NUM_FORMATS || p->rows <= 0 || p->rows % 8 || !p->q || !p->d) return LS_EINVAL;
         const int kq = f >= LS_Q2_K && f != LS_Q8_0, hi = f == LS_Q5_0 || f == LS_Q5_1 || f == LS_Q5_K || f == LS_Q6_K;
         const int hasm = f == LS_Q4_1 || f == LS_Q5_1 || f == LS_Q2_K || f == LS_Q4_K || f == LS_Q5_K;
-        if ((kq && (lin->k % 256 || !p->sc)) || (hi && !p->hi) || (hasm && !p->m) || (kq && hasm && !p->mn))
+        const int sm12 = f == LS_Q4_K || f == LS_Q5_K;  // mins packed with the scales in sc
+        if ((kq && (lin->k % 256 || !p->sc)) || (hi && !p->hi) || (hasm && !p->m) ||
+            (kq && hasm && !sm12 && !p->mn) || (sm12 && p->mn))
             return LS_EINVAL;
         rows += p->rows;
     }
