@@ -1,8 +1,8 @@
 """Decides each step which sequences run and how many tokens each computes (chunked prefill, FCFS).
 
-New prompts come first (prefill priority, as SGLang and vLLM's V0 scheduler do): when sequences wait
-and slots are free, a step computes only the newly admitted prompts' first chunks, so their first tokens
-do not wait for the whole batch's decode; the next step is the running sequences' (with any admissions
+New prompts come first (prefill priority, as SGLang and vLLM's V0 scheduler do): when sequences wait,
+slots are free and every running sequence is decoding, a step computes only the newly admitted prompts'
+first chunks, so their first tokens do not wait for the whole batch's decode; the next step is the running sequences' (with any admissions
 left over), so decodes are never skipped twice in a row. On our kernels a mixed step runs its decodes and
 its prefill chunks as two forwards anyway, so splitting them costs little more than one extra sampling.
 """
@@ -71,7 +71,9 @@ class Scheduler:
         """Pick this step's work: running sequences first, then waiting ones while budget and blocks last."""
         out = SchedulerOutput()
         if (self.config.prefill_priority and self.waiting and self.running
-                and not self._last_was_prefill_only and len(self.running) < self.config.max_num_seqs):
+                and not self._last_was_prefill_only and len(self.running) < self.config.max_num_seqs
+                and all(s.num_uncomputed_tokens <= 1 for s in self.running)):  # ahead of decodes only,
+            # never of an older prompt still being prefilled (first come, first served among prompts)
             # Only what leaves the running sequences the blocks of their own next step: a new prompt
             # never causes a running sequence's preemption.
             self._admit_waiting(out, self.config.max_batch_tokens, reserve=self._next_step_blocks())

@@ -268,18 +268,17 @@ def test_prefill_priority_gives_a_new_prompt_a_step_of_its_own_then_the_decodes_
     sched.add(a)
     assert planned(step(sched)) == [(0, 10)]  # nothing runs yet: an ordinary step
     assert planned(step(sched)) == [(0, 1)]
-    b = make_seq(1, list(range(100, 200)), max_tokens=2)
-    c = make_seq(2, list(range(300, 305)), max_tokens=2)
-    sched.add(b)
-    sched.add(c)
-    assert planned(step(sched)) == [(1, 32)]  # b's first chunk alone, before a's decode
-    # Then a decodes and b goes on in chunks (never two prefill-only steps in a row); c found no budget.
-    assert planned(step(sched)) == [(0, 1), (1, 31)]
-    assert planned(step(sched)) == [(2, 5)]  # c's turn: the step before was the running ones'
-    assert planned(step(sched)) == [(0, 1), (1, 31)]  # c decodes too, but the budget ran out
-    assert planned(step(sched)) == [(0, 1), (1, 6), (2, 1)]  # b samples its first token
+    sched.add(make_seq(1, list(range(100, 105)), max_tokens=3))
+    sched.add(make_seq(2, list(range(200, 205)), max_tokens=3))
+    assert planned(step(sched)) == [(1, 5), (2, 5)]  # both prompts at once, before a's decode
+    sched.add(make_seq(3, list(range(300, 305)), max_tokens=3))
+    # Never two prefill-only steps in a row: d joins the decodes' step.
+    assert planned(step(sched)) == [(0, 1), (1, 1), (2, 1), (3, 5)]
+    sched.add(make_seq(4, list(range(400, 405)), max_tokens=3))
+    assert planned(step(sched)) == [(4, 5)]
+    assert planned(step(sched)) == [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)]
     run_all(sched)
-    assert (a.num_tokens, b.num_tokens, c.num_tokens) == (30, 102, 7)
+    assert a.num_tokens == 30
     assert_pool_empty(sched)
 
 
@@ -309,5 +308,23 @@ def test_prefill_priority_waits_for_a_free_slot() -> None:
     assert planned(step(sched)) == [(0, 1)]
     assert planned(step(sched)) == [(0, 1)]  # a finishes here
     assert planned(step(sched)) == [(1, 10)]
+    run_all(sched)
+    assert_pool_empty(sched)
+
+
+def test_prefill_priority_does_not_overtake_an_older_prompt_being_prefilled() -> None:
+    sched = make_scheduler(num_blocks=32, max_batch_tokens=32, prefill_priority=True)
+    a = make_seq(0, list(range(10)), max_tokens=20)
+    sched.add(a)
+    step(sched)
+    b = make_seq(1, list(range(100, 200)), max_tokens=2)
+    sched.add(b)
+    assert planned(step(sched)) == [(1, 32)]  # b's first chunk ahead of a's decode
+    c = make_seq(2, list(range(300, 305)), max_tokens=2)
+    sched.add(c)
+    assert planned(step(sched)) == [(0, 1), (1, 31)]
+    # b is still being prefilled: c takes its turn after b, in ordinary steps, not a step of its own
+    assert planned(step(sched)) == [(0, 1), (1, 31)]
+    assert planned(step(sched)) == [(0, 1), (1, 6), (2, 5)]
     run_all(sched)
     assert_pool_empty(sched)
