@@ -44,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sampler = Sampler(args.vocab, [0], seed=0)
     generator = torch.Generator().manual_seed(0)
-    print(f"| batch | ours, whole sample() (ms) | exponential race, the draw alone (ms) |")
+    print("| batch | ours, whole sample() (ms) | exponential race, the draw alone (ms) |")
     print("|---|---|---|")
     for batch in (1, 4, 16, 64):
         logits = torch.randn(batch, args.vocab, generator=generator) * 3

@@ -2,9 +2,10 @@
 
 New prompts come first (prefill priority, as SGLang and vLLM's V0 scheduler do): when sequences wait,
 slots are free and every running sequence is decoding, a step computes only the newly admitted prompts'
-first chunks, so their first tokens do not wait for the whole batch's decode; the next step is the running sequences' (with any admissions
-left over), so decodes are never skipped twice in a row. On our kernels a mixed step runs its decodes and
-its prefill chunks as two forwards anyway, so splitting them costs little more than one extra sampling.
+first chunks, so their first tokens do not wait for the whole batch's decode; the next step is the
+running sequences' (with any admissions left over), so decodes are never skipped twice in a row. On our
+kernels a mixed step runs its decodes and its prefill chunks as two forwards anyway, so splitting them
+costs little more than one extra sampling.
 """
 
 from __future__ import annotations
