@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -76,6 +77,16 @@ def _body(rng: random.Random) -> tuple[str, dict[str, Any], bool]:
     return "/predict", {"prompt": "Say hello", "max_tokens": tokens}, False
 
 
+def _is_error_event(line: str) -> bool:
+    """An SSE data line that is an error event, as a client reads it: a JSON object with an "error" key
+    (not a line whose generated text happens to be the word: the delta "error" is `"content":"error"`)."""
+    try:
+        event = json.loads(line.removeprefix("data: "))
+    except ValueError:
+        return line != "data: [DONE]"  # anything else that is not JSON is broken
+    return isinstance(event, dict) and "error" in event
+
+
 async def _one(client: httpx.AsyncClient, rng: random.Random, tally: Tally) -> None:
     path, body, stream = _body(rng)
     tally.sent += 1
@@ -84,7 +95,7 @@ async def _one(client: httpx.AsyncClient, rng: random.Random, tally: Tally) -> N
             async with client.stream("POST", path, json=body) as r:
                 if r.status_code == 200:
                     lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
-                    errors = any('"error"' in x for x in lines)
+                    errors = any(_is_error_event(x) for x in lines)
                     done = bool(lines) and lines[-1] == "data: [DONE]" and not errors
                     tally.ok += done
                     tally.incomplete += not done
@@ -270,7 +281,7 @@ async def _sigterm(server: ServerProcess, streams: int, drain: float) -> str:
                 ended["not ended properly"] += 1
                 return
             done = bool(lines) and lines[-1] == "data: [DONE]"
-            error = any('"error"' in x for x in lines)
+            error = any(_is_error_event(x) for x in lines)
             ended["not ended properly" if not done else "in-band error" if error else "finished"] += 1
 
         tasks = [asyncio.create_task(one(long if i % 4 == 0 else short)) for i in range(streams)]
