@@ -71,12 +71,12 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work: running sequences first, then waiting ones while budget and blocks last."""
         out = SchedulerOutput()
+        # Ahead of decodes only, never of an older prompt still being prefilled (first come, first served
+        # among prompts); and only what leaves the running sequences the blocks of their own next step,
+        # so a new prompt never causes a running sequence's preemption.
         if (self.config.prefill_priority and self.waiting and self.running
                 and not self._last_was_prefill_only and len(self.running) < self.config.max_num_seqs
-                and all(s.num_uncomputed_tokens <= 1 for s in self.running)):  # ahead of decodes only,
-            # never of an older prompt still being prefilled (first come, first served among prompts)
-            # Only what leaves the running sequences the blocks of their own next step: a new prompt
-            # never causes a running sequence's preemption.
+                and all(s.num_uncomputed_tokens <= 1 for s in self.running)):
             self._admit_waiting(out, self.config.max_batch_tokens, reserve=self._next_step_blocks())
             if out.scheduled:
                 self._last_was_prefill_only = True
@@ -123,8 +123,8 @@ class Scheduler:
             self._check_fits_pool(seq)
             bm.allocate_prompt(seq)
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if bm.num_missing_blocks(seq, num_new) + reserve > bm.num_free_blocks or not bm.ensure_slots(
-                    seq, num_new):
+            fits = bm.num_missing_blocks(seq, num_new) + reserve <= bm.num_free_blocks
+            if not (fits and bm.ensure_slots(seq, num_new)):
                 bm.cancel_prompt(seq)
                 break  # first come, first served: nobody overtakes the head
             self.waiting.popleft()
