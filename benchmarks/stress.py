@@ -9,7 +9,9 @@ defaults. Phases, each bounded in count and time:
 1. mixed load: `--requests` requests (chat, completions, /predict; streamed or not; every fourth chat
    with a json_schema) from 4x as many clients as the server holds (running + queue), counting 5xx,
    incomplete accepted requests, and 429s without Retry-After (a client waits what Retry-After says,
-   capped at 2 s, before its next request, as the official SDKs do); /health sampled every 50 ms;
+   capped at 2 s, before its next request, as the official SDKs do); /health probed every 50 ms from a
+   process of its own (benchmarks/health_probe.py), so that the load clients' scheduling is not in its
+   samples; a probe without a 200 counts, and fails the target;
 2. `--disconnects` streams dropped after their first chunk: afterwards no KV block in use, the running
    and waiting gauges 0, RSS within 5 % of before;
 3. slow readers (streams read one chunk a second) beside normal clients: the normal clients' TTFT p99
@@ -42,6 +44,7 @@ import gguf_mutants  # benchmarks/ is on sys.path when run as a script
 import httpx
 import psutil
 from engine_throughput import cpu_name
+from health_probe import HealthProbe, HealthSamples
 
 MODEL = "smollm2-135m-instruct"
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 40}},
@@ -122,18 +125,8 @@ async def _one(client: httpx.AsyncClient, rng: random.Random, tally: Tally) -> N
         tally.client_errors[status] = tally.client_errors.get(status, 0) + 1
 
 
-async def _health_sampler(url: str, stop: asyncio.Event, samples: list[float]) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-        while not stop.is_set():
-            start = time.perf_counter()
-            await client.get("/health")
-            samples.append(time.perf_counter() - start)
-            await asyncio.sleep(0.05)
-
-
-async def _mixed(url: str, requests: int, clients: int, seed: int) -> tuple[Tally, list[float], float]:
-    tally, health, stop = Tally(), [], asyncio.Event()
-    sampler = asyncio.create_task(_health_sampler(url, stop, health))
+async def _mixed(url: str, requests: int, clients: int, seed: int) -> tuple[Tally, float]:
+    tally = Tally()
     queue = list(range(requests))
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     start = time.perf_counter()
@@ -144,9 +137,7 @@ async def _mixed(url: str, requests: int, clients: int, seed: int) -> tuple[Tall
                 queue.pop()
                 await _one(client, rng, tally)
         await asyncio.gather(*(worker(i) for i in range(clients)))
-    stop.set()
-    await sampler
-    return tally, health, time.perf_counter() - start
+    return tally, time.perf_counter() - start
 
 
 async def _disconnects(url: str, count: int, concurrency: int) -> int:
@@ -317,7 +308,9 @@ def run_limits(name: str, flags: list[str], max_num_seqs: int, max_queue: int,
                                     "--drain-timeout", str(drain)])
     try:
         clients = min(256, 4 * (max_num_seqs + max_queue))  # 4x what it holds, <= 256
-        tally, health, seconds = asyncio.run(_mixed(server.url, args.requests, clients, args.seed))
+        with HealthProbe(server.url) as probe:  # started before the load, stopped (or killed) after it
+            tally, seconds = asyncio.run(_mixed(server.url, args.requests, clients, args.seed))
+        health = probe.samples
         idle_after_load = server.idle()
         rss_before = server.rss()
         started = asyncio.run(_disconnects(server.url, args.disconnects, clients))
@@ -334,7 +327,6 @@ def run_limits(name: str, flags: list[str], max_num_seqs: int, max_queue: int,
         sigterm = asyncio.run(_sigterm(server, 2 * max_num_seqs + max_queue // 2, drain))
     finally:
         server.stop()
-    p99 = statistics.quantiles(health, n=100, method="inclusive")[98] * 1000 if len(health) > 2 else 0.0
     return [
         f"### {name}: --max-num-seqs {max_num_seqs}, --max-queue {max_queue}",
         "",
@@ -344,7 +336,7 @@ def run_limits(name: str, flags: list[str], max_num_seqs: int, max_queue: int,
         f"429 ({tally.refused_429_without_retry_after} without Retry-After), other 4xx "
         f"{tally.client_errors or 0}, {tally.transport_errors} transport errors; idle afterwards: "
         f"{idle_after_load}",
-        f"- /health during it: {len(health)} samples, p99 {p99:.1f} ms, max {max(health) * 1000:.1f} ms",
+        _health_line(health),
         f"- {args.disconnects} streams dropped after their first chunk ({started} got one): idle afterwards "
         f"(no KV block in use, running/waiting 0): {idle}; RSS {rss_before / 2**20:.0f} -> "
         f"{rss_after / 2**20:.0f} MiB ({(rss_after / rss_before - 1) * 100:+.1f} %)",
@@ -354,6 +346,16 @@ def run_limits(name: str, flags: list[str], max_num_seqs: int, max_queue: int,
         sigterm,
         "",
     ]
+
+
+def _health_line(health: HealthSamples) -> str:
+    not_ok = ", ".join(f"{n} {status}" for status, n in sorted(health.not_ok.items())) or "0"
+    return (f"- /health during it, probed every 50 ms from a process of its own (so that the load clients' "
+            f"scheduling is not in its samples): {len(health.latencies)} samples, "
+            f"p99 {health.p99_ms():.1f} ms (a probe without a 200 counts as infinitely slow), "
+            f"max {health.max_ok_ms():.1f} ms; **{health.failed} without a 200** (not 200: {not_ok}; "
+            f"no answer: {health.errors})"
+            + ("; the probe stopped at its bound before the load ended" if health.bounded else ""))
 
 
 def _schemathesis(examples: int) -> str:
