@@ -176,7 +176,7 @@ def _load_blocks(module: nn.Module, start: int, value: RawTensor) -> bool:
     elif isinstance(module, GGUFLinear):
         module.load_rows(start, value)
     elif isinstance(module, Int4Linear):
-        module.load_rows(start, q4_from_blocks(value.data.numpy(), value.qtype, value.rows, value.cols))
+        module.load_rows(start, q4_from_blocks(value.data, value.qtype, value.rows, value.cols))
     else:
         return False
     return True
@@ -267,7 +267,7 @@ def load_model(
                   if isinstance(m, GGUFLinear | Int4Linear) and not m.loaded]
     if unfinished:
         raise ModelLoadError(f"quantized weights incomplete for {', '.join(unfinished[:3])}")
-    source.reader = None  # close the memory map: its pages would otherwise stay in our RSS
+    source.reader = None  # close its memory map (the token embedding keeps a map of its own bytes)
     net.tie_weights()
     del params  # drop our references: a dense weight is freed as soon as its int8 copy replaces it
     # int8: every dense linear (any source type) becomes int8. int4: a head that is not Q4 does
