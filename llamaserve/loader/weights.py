@@ -182,6 +182,24 @@ def _load_blocks(module: nn.Module, start: int, value: RawTensor) -> bool:
     return True
 
 
+def _allocate(net: nn.Module, dev: torch.device) -> None:
+    """net.to_empty(device=dev) by torch.empty: to_empty's empty_like on meta tensors runs torch's Python
+    reference code, which imports sympy (~32 MB of RSS for the process's life). A tensor shared by
+    several modules stays shared."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (meta tensor, held: no id reuse; new)
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            new = torch.empty(t.shape, dtype=t.dtype, device=dev)
+            made[id(t)] = (t, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
+        return made[id(t)][1]
+
+    for module in net.modules():
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in tensors:  # setattr keeps a buffer's persistence
+            setattr(module, name, empty(t))
+
+
 def resolve_quantization(quantization: str, source: ModelSource, dev: torch.device) -> str:
     """The mode a load runs in: "auto" becomes "dense" (bfloat16) for safetensors and on CUDA, and falls
     back to "int4" (torch's int4 kernels for Q4_0/Q4_1, the rest dense) where our kernels are unavailable."""
@@ -247,8 +265,8 @@ def load_model(
         _swap_linears(net, lambda lin: Int4Linear(lin.in_features, lin.out_features, kernel_dtype),
                       plan.linears)
     # Allocate every parameter once, already in its final dtype (never a float32 copy of a 7B model).
-    net = net.to_empty(device=dev)
-    # to_empty left the RoPE table uninitialised: compute it again.
+    _allocate(net, dev)
+    # That left the RoPE table uninitialised: compute it again.
     net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(dev)
     params = dict(net.named_parameters(remove_duplicate=False))
     seen: set = set()
