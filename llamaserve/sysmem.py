@@ -1,10 +1,13 @@
-"""The host's memory: how much is free (to size the KV cache), and giving freed heap pages back."""
+"""The host's memory: how much is free (to size the KV cache), giving freed heap and mapped pages back."""
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 GiB = 1024**3
@@ -52,4 +55,28 @@ def return_freed_memory() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
+        pass
+
+
+def file_map(array: np.ndarray) -> mmap.mmap | None:
+    """The mmap.mmap under an array that views an np.memmap (through any chain of views); None for an
+    array in memory of our own."""
+    base: Any = array
+    while base is not None:
+        mm = getattr(base, "_mmap", None) if isinstance(base, np.memmap) else None
+        if mm is not None:
+            return mm  # numpy keeps its mmap.mmap there
+        base = getattr(base, "base", None)
+    return None
+
+
+def drop_mapped_pages(mm: mmap.mmap | None, end: int | None = None) -> None:
+    """madvise(MADV_DONTNEED) the first `end` bytes (default: all) of a read-only shared file map: its
+    pages leave our RSS and are mapped again from the page cache when touched (never written, the map
+    loses nothing). Advice only: a no-op for None or where madvise is missing, and an error is ignored."""
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, 0, len(mm) if end is None else min(end, len(mm)))
+    except (OSError, ValueError):
         pass

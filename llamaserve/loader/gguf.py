@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from llamaserve.config import ModelConfig, RopeScaling
 from llamaserve.loader.errors import ModelLoadError
 from llamaserve.loader.names import gguf_to_hf, unpermute_qk
 from llamaserve.model.quant import RawTensor
+from llamaserve.sysmem import drop_mapped_pages, file_map
 
 SUPPORTED_TYPES = frozenset(
     {QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
@@ -277,42 +277,83 @@ def dequantize_tensor(t: ReaderTensor) -> np.ndarray:
     return dequantize(data, t.tensor_type).reshape(shape)
 
 
+EMBEDDING = "token_embd.weight"
+
+
 def iter_tensors(
     reader: GGUFReader, cfg: ModelConfig, keep_raw: frozenset[str] = frozenset()
 ) -> Iterator[tuple[str, torch.Tensor | RawTensor]]:
     """Yield (Hugging Face name, float32 tensor in HF layout) one tensor at a time.
 
-    Tensors named in keep_raw (GGUF names of quantized tensors) come as their raw blocks instead.
+    Tensors named in keep_raw (GGUF names of quantized tensors) come as their raw blocks instead: copied
+    off the reader's map, except the token embedding, which stays a read-only map of the file (map_rows).
     """
     check_tensor_types(reader)
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":  # Llama 3 RoPE factors, kept under their own name
-            yield t.name, torch.from_numpy(dequantize_tensor(t).copy())
-            continue
-        name = gguf_to_hf(t.name)
-        if name is None:
-            raise ModelLoadError(f"unexpected tensor {t.name!r} in a llama GGUF file")
-        try:
-            value: torch.Tensor | RawTensor
-            if t.name in keep_raw:
-                rows, cols = (int(d) for d in reversed(t.shape))
-                data = np.array(np.asarray(t.data).view(np.uint8).reshape(rows, -1), copy=True)  # off the map
-                value = RawTensor(t.tensor_type, torch.from_numpy(data), cols)
-            else:
-                array = dequantize_tensor(t)
-                if not (array.flags.writeable and array.flags.c_contiguous):  # a view of the memory map
-                    array = np.array(array, copy=True)
-                value = torch.from_numpy(array)
-        except (ValueError, IndexError) as e:
-            raise ModelLoadError(f"tensor {t.name} is truncated or corrupt: {e}") from e
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg.num_attention_heads if name.endswith("q_proj.weight") else cfg.num_key_value_heads
-            if isinstance(value, RawTensor):  # whole rows of blocks move: the permutation is exact
-                value = RawTensor(value.qtype, unpermute_qk(value.data, heads).contiguous(), value.cols)
-            else:
-                value = unpermute_qk(value, heads)
+        name, value = _read_tensor(reader, t, cfg, keep_raw)
         yield name, value
         _drop_pages(reader, int(t.data_offset) + int(t.n_bytes))
+        if t.name == EMBEDDING and isinstance(value, RawTensor):  # a tied head read every row to pack it
+            drop_mapped_pages(file_map(value.data))
+
+
+def _read_tensor(
+    reader: GGUFReader, t: ReaderTensor, cfg: ModelConfig, keep_raw: frozenset[str]
+) -> tuple[str, torch.Tensor | RawTensor]:
+    """One tensor as iter_tensors yields it: (HF name, float32 tensor or raw blocks), Q and K unpermuted."""
+    if t.name == "rope_freqs.weight":  # Llama 3 RoPE factors, kept under their own name
+        return t.name, torch.from_numpy(dequantize_tensor(t).copy())
+    name = gguf_to_hf(t.name)
+    if name is None:
+        raise ModelLoadError(f"unexpected tensor {t.name!r} in a llama GGUF file")
+    try:
+        value: torch.Tensor | RawTensor
+        if t.name in keep_raw:
+            rows, cols = (int(d) for d in reversed(t.shape))
+            if t.name == EMBEDDING:  # looked up a few rows a step for the server's life: read in place
+                data = map_rows(reader, t)
+            else:  # packed into the kernels' layout once: copied, the reader's pages then dropped
+                data = np.array(np.asarray(t.data).view(np.uint8).reshape(rows, -1), copy=True)
+            value = RawTensor(t.tensor_type, data, cols)
+        else:
+            array = dequantize_tensor(t)
+            if not (array.flags.writeable and array.flags.c_contiguous):  # a view of the memory map
+                array = np.array(array, copy=True)
+            value = torch.from_numpy(array)
+    except ModelLoadError:
+        raise
+    except (ValueError, IndexError) as e:
+        raise ModelLoadError(f"tensor {t.name} is truncated or corrupt: {e}") from e
+    if name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = cfg.num_attention_heads if name.endswith("q_proj.weight") else cfg.num_key_value_heads
+        if isinstance(value, RawTensor):  # whole rows of blocks move: the permutation is exact
+            moved = unpermute_qk(torch.from_numpy(value.data), heads).contiguous()
+            value = RawTensor(value.qtype, moved.numpy(), value.cols)
+        else:
+            value = unpermute_qk(value, heads)
+    return name, value
+
+
+def map_rows(reader: GGUFReader, t: ReaderTensor) -> np.ndarray:
+    """A 2-D tensor's blocks as a read-only [rows, row bytes] view of its own map of just its bytes.
+
+    Nothing is copied into our memory: rows are read from the page cache when used. Pages touched count
+    as file-backed RSS until dropped (a fault maps a whole large page-cache folio: a hundred random rows
+    of a 29 MB table mapped 17 MB), so a reader drops them after use (QuantizedEmbedding does). The map is
+    its own, not a view of the reader's: it outlives the reader, which the loader closes after the load,
+    and _drop_pages on the reader's map leaves it alone. It lives as long as the array or a view of it.
+    The file must not be truncated or rewritten in place meanwhile (a read would raise SIGBUS); replacing
+    it by a rename is safe (the old inode stays mapped).
+    """
+    filename = getattr(reader.data, "filename", None)
+    if not isinstance(reader.data, np.memmap) or filename is None:
+        raise ModelLoadError(f"tensor {t.name}: the GGUF reader's data is not a map of a file")
+    rows, size = int(t.shape[-1]), int(t.n_bytes)
+    if len(t.shape) != 2 or size % rows:
+        raise ModelLoadError(f"tensor {t.name} of shape {list(t.shape)} and {size} bytes is not whole rows")
+    table = np.memmap(filename, dtype=np.uint8, mode="r", offset=int(t.data_offset),
+                      shape=(rows, size // rows))
+    return np.asarray(table)  # a plain ndarray whose base is the np.memmap (which holds the mmap)
 
 
 def _drop_pages(reader: GGUFReader, end: int) -> None:
@@ -323,10 +364,4 @@ def _drop_pages(reader: GGUFReader, end: int) -> None:
     on the next tensor may map a whole large page-cache folio that reaches back over earlier ones. The
     pages stay in the page cache; touching them again just maps them back.
     """
-    mm = getattr(reader.data, "_mmap", None)  # numpy.memmap keeps its mmap.mmap there
-    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, 0, min(end, len(mm)))
-    except (OSError, ValueError):
-        pass  # advice only: never fail a load over it
+    drop_mapped_pages(file_map(reader.data), end)

@@ -176,10 +176,28 @@ def _load_blocks(module: nn.Module, start: int, value: RawTensor) -> bool:
     elif isinstance(module, GGUFLinear):
         module.load_rows(start, value)
     elif isinstance(module, Int4Linear):
-        module.load_rows(start, q4_from_blocks(value.data.numpy(), value.qtype, value.rows, value.cols))
+        module.load_rows(start, q4_from_blocks(value.data, value.qtype, value.rows, value.cols))
     else:
         return False
     return True
+
+
+def _allocate(net: nn.Module, dev: torch.device) -> None:
+    """net.to_empty(device=dev) by torch.empty: to_empty's empty_like on meta tensors runs torch's Python
+    reference code, which imports sympy (~32 MB of RSS for the process's life). A tensor shared by
+    several modules stays shared."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (meta tensor, held: no id reuse; new)
+
+    def empty(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            new = torch.empty(t.shape, dtype=t.dtype, device=dev)
+            made[id(t)] = (t, nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new)
+        return made[id(t)][1]
+
+    for module in net.modules():
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in tensors:  # setattr keeps a buffer's persistence
+            setattr(module, name, empty(t))
 
 
 def resolve_quantization(quantization: str, source: ModelSource, dev: torch.device) -> str:
@@ -247,8 +265,8 @@ def load_model(
         _swap_linears(net, lambda lin: Int4Linear(lin.in_features, lin.out_features, kernel_dtype),
                       plan.linears)
     # Allocate every parameter once, already in its final dtype (never a float32 copy of a 7B model).
-    net = net.to_empty(device=dev)
-    # to_empty left the RoPE table uninitialised: compute it again.
+    _allocate(net, dev)
+    # That left the RoPE table uninitialised: compute it again.
     net.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(dev)
     params = dict(net.named_parameters(remove_duplicate=False))
     seen: set = set()
@@ -267,7 +285,7 @@ def load_model(
                   if isinstance(m, GGUFLinear | Int4Linear) and not m.loaded]
     if unfinished:
         raise ModelLoadError(f"quantized weights incomplete for {', '.join(unfinished[:3])}")
-    source.reader = None  # close the memory map: its pages would otherwise stay in our RSS
+    source.reader = None  # close its memory map (the token embedding keeps a map of its own bytes)
     net.tie_weights()
     del params  # drop our references: a dense weight is freed as soon as its int8 copy replaces it
     # int8: every dense linear (any source type) becomes int8. int4: a head that is not Q4 does

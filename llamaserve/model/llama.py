@@ -111,13 +111,22 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.act_dtype: torch.dtype | None = None  # activations' dtype when it differs from the weights'
-        self.tok_embeddings: nn.Module = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # The loader builds this on the meta device, where torch runs normal_ and arithmetic through its
+        # Python reference code, which imports torch._dynamo and sympy: ~66 MB of RSS for the process's
+        # life. So nothing here may run on meta but factories and nn.Linear's init (a test in
+        # tests/loader/test_gguf.py checks): the embedding's normal_ draw (nn.Embedding's own, same
+        # values) is skipped there, and the RoPE table is computed on the CPU (the loader computes it
+        # again on the model's device).
+        weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        if not weight.is_meta:
+            nn.init.normal_(weight)
+        self.tok_embeddings: nn.Module = nn.Embedding.from_pretrained(weight, freeze=False)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.output: nn.Module = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.register_buffer(
-            "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
-        )
+        with torch.device("cpu"):
+            inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from llamaserve.config import ModelConfig, RopeScaling
-from llamaserve.loader.gguf import iter_tensors, read_config
+from llamaserve.loader.gguf import iter_tensors, map_rows, read_config
 from llamaserve.loader.weights import inspect_model, load_model
 from tests.checkpoints import (
     K_QUANTS,
@@ -30,6 +33,7 @@ from tests.checkpoints import (
 )
 from tests.paged import forward_logits
 
+ROOT = Path(__file__).resolve().parents[2]
 IDS = torch.randint(0, 256, (100,), generator=torch.Generator().manual_seed(3)).tolist()
 
 
@@ -280,3 +284,98 @@ def test_mixed_type_file_in_auto_mode_stays_close_to_the_exact_mode(tmp_path) ->
     agree = float((ours.argmax(-1) == ref.argmax(-1)).float().mean())
     print(f"mixed Q4_K/Q6_K/Q8_0 file, auto vs none: max relative logit error {err:.2e}, top-1 {agree:.0%}")
     assert err < 3e-2 and agree >= 0.9
+
+
+def memmaps_under(array: np.ndarray) -> list[np.memmap]:
+    """The np.memmap objects in an array's chain of bases (empty for memory of its own)."""
+    found, base = [], array
+    while base is not None:
+        if isinstance(base, np.memmap):
+            found.append(base)
+        base = getattr(base, "base", None)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_a_quantized_token_embedding_is_read_from_the_file_map(tmp_path) -> None:
+    """The default mode's embedding is a read-only map of the file's bytes, not a copy; a lookup gives
+    gguf's dequantized rows and leaves none of the map resident; the model's logits are those of a copy
+    of the table, and the tied head packed from the same tensor stays near the exact mode's."""
+    from llamaserve.model import native
+    from llamaserve.model.quant import GGUFLinear, QuantizedEmbedding, RawTensor
+    from llamaserve.sysmem import file_map
+
+    if not native.available():
+        pytest.skip("native kernels unavailable here")
+    tied = tiny_hf_model(seed=5, tie_word_embeddings=True)
+    path = write_gguf(tmp_path / "tied-q8.gguf", tied.config, gguf_tensors(tied, QT.Q8_0))
+    auto, source = load_model(str(path))
+    assert source.config.tie_word_embeddings and isinstance(auto.output, GGUFLinear)
+    emb = auto.tok_embeddings
+    assert isinstance(emb, QuantizedEmbedding) and emb.table is not None
+    table = emb.table.data
+    maps = memmaps_under(table)
+    assert maps and Path(maps[-1].filename) == path.resolve()
+    assert not table.flags.writeable and emb.file_map is file_map(table) is not None
+    ids = [0, 7, 255, 7, 128]
+    got = emb(torch.tensor(ids))
+    assert mapping_rss_kb(table.ctypes.data) == 0  # the pages the lookup mapped were dropped
+    rows = next(t for t in GGUFReader(path).tensors if t.name == "token_embd.weight").data
+    assert torch.equal(got, torch.from_numpy(dequantize(np.asarray(rows)[ids], QT.Q8_0)))
+    mapped = forward_logits(auto, IDS)
+    emb.load(RawTensor(QT.Q8_0, np.array(table), emb.table.cols))  # a copy in our memory, as before
+    assert emb.file_map is None and torch.equal(forward_logits(auto, IDS), mapped)
+    exact, _ = load_model(str(path), quantization="none")
+    assert rel_err(mapped, forward_logits(exact, IDS)) < 0.1  # int8 activations (0.060 before the map too)
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_embedding_lookups_leave_no_page_of_the_map_resident(smollm_path) -> None:
+    """A fault maps a whole large page-cache folio (where the page cache has them): without the drop a few
+    hundred random tokens kept most of SmolLM2's 29 MB table in our RSS. Each lookup drops what it mapped."""
+    from llamaserve.model.quant import QuantizedEmbedding, RawTensor
+
+    source = inspect_model(str(smollm_path))
+    t = next(t for t in source.reader.tensors if t.name == "token_embd.weight")
+    data = map_rows(source.reader, t)
+    rows, cols = data.shape[0], int(t.shape[0])
+    emb = QuantizedEmbedding(rows, cols)
+    emb.load(RawTensor(t.tensor_type, data, cols))
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        ids = rng.integers(0, rows, 64)
+        out = emb(torch.from_numpy(ids))
+    assert mapping_rss_kb(data.ctypes.data) == 0
+    expected = dequantize(np.asarray(t.data)[ids], t.tensor_type)
+    assert torch.equal(out, torch.from_numpy(expected.reshape(len(ids), cols)))
+    _ = data[rng.integers(0, rows, 512)]  # the same reads, not dropped (printed: kernel-dependent)
+    print(f"512 rows read without the drop: {mapping_rss_kb(data.ctypes.data)} kB resident of "
+          f"{data.nbytes // 1024} kB")
+
+
+def test_loading_imports_neither_dynamo_nor_sympy(tmp_path, model) -> None:
+    """Building the model on the meta device must not run ops through torch's Python reference code:
+    it imports torch._dynamo and sympy, ~66 MB of RSS for the server's life (measured)."""
+    path = write_gguf(tmp_path / "tiny-q8.gguf", model.config, gguf_tensors(model, QT.Q8_0))
+    model.save_pretrained(tmp_path / "hf")
+    code = ("import sys\nfrom llamaserve.loader.weights import load_model\n"
+            "for mode in ('auto', 'none', 'int4', 'int8'):\n"
+            f"    load_model({str(path)!r}, quantization=mode)\n"
+            f"load_model({str(tmp_path / 'hf')!r})\n"
+            "print([m for m in ('torch._dynamo', 'sympy') if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_model_draws_the_same_random_weights_as_before() -> None:
+    """The embedding is built without nn.Embedding's own init (see Transformer): the same normal_ draw."""
+    from llamaserve.model.llama import Transformer
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    net: Any = Transformer(cfg)
+    torch.manual_seed(0)
+    ref = torch.nn.Embedding(300, 64)
+    assert torch.equal(net.tok_embeddings.weight, ref.weight) and net.tok_embeddings.weight.requires_grad

@@ -52,7 +52,7 @@ def test_int4_linear_matches_dense(qtype, kernels):
     for dtype, tol in zip((torch.float32, torch.bfloat16), tols, strict=True):
         if kernels == "native":
             lin = GGUFLinear(256, 128)
-            halves = [RawTensor(qtype, torch.from_numpy(raw[i : i + 64].copy()), 256) for i in (0, 64)]
+            halves = [RawTensor(qtype, raw[i : i + 64].copy(), 256) for i in (0, 64)]
         else:
             lin = Int4Linear(256, 128, dtype)
             halves = [q4_from_blocks(raw[i : i + 64], qtype, 64, 256) for i in (0, 64)]
@@ -153,10 +153,10 @@ def test_gguf_linear_packs_big_tensors_in_slices_and_joins_them(monkeypatch):
 
     raw = random_k_blocks(np.random.default_rng(2), 64, 256, QT.Q6_K)
     whole = GGUFLinear(256, 64)
-    whole.load_rows(0, RawTensor(QT.Q6_K, torch.from_numpy(raw.copy()), 256))
+    whole.load_rows(0, RawTensor(QT.Q6_K, raw.copy(), 256))
     monkeypatch.setattr("llamaserve.model.quant.PACK_ROWS", 16)  # four slices of 16 rows
     sliced = GGUFLinear(256, 64)
-    sliced.load_rows(0, RawTensor(QT.Q6_K, torch.from_numpy(raw.copy()), 256))
+    sliced.load_rows(0, RawTensor(QT.Q6_K, raw.copy(), 256))
     assert sliced.native_weight.types() == ["Q6_K"]  # joined into one part
     for k, v in whole.native_weight.parts[0][1].items():
         assert torch.equal(v, sliced.native_weight.parts[0][1][k]), k
