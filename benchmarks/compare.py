@@ -96,11 +96,18 @@ def build_info(llama_server: Path) -> dict[str, str]:
 
 
 def machine() -> str:
+    """The CPU, what of AVX-512/VNNI/AMX it has, and the kernel variant our server picks on it (the
+    machines of one kind differ: AVX2-only Zen 3 or AVX-512 Zen 4)."""
+    from llamaserve.model import native
+
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")),
                  "unknown CPU")
-    amx = "AMX" if " amx_tile" in cpuinfo else "no AMX"
-    return f"{model}, {os.cpu_count()} cores ({amx})"
+    flags = native.cpu_flags()
+    has = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"), ("avx_vnni", "AVX-VNNI"),
+                                   ("amx_tile", "AMX")) if flag in flags]
+    return (f"{model}, {os.cpu_count()} cores ({', '.join(has) or 'AVX2 only'}; "
+            f"our kernels: {native.info()})")
 
 
 def our_commit() -> str:
