@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_throughput import cpu_name  # noqa: E402  (the CPU and its AVX-512 / AMX)
 from llama2_7b_measure import llamaserve_cmd, memory_gb, start_server, stop_server  # noqa: E402
 
 FULL = 4096  # Llama 2's context: step 3's prompt plus its generated tokens fill it exactly
@@ -84,7 +85,7 @@ def preemptions(client: Any, url: str) -> float:
     return float(m.group(1)) if m else float("nan")
 
 
-def ours(args: argparse.Namespace, prompts: dict[str, Any], prompts_len: dict[str, int]) -> dict[str, Any]:
+def ours(args: argparse.Namespace, prompts: dict[str, Any], full_prompt_tokens: int) -> dict[str, Any]:
     import httpx
     import openai
 
@@ -113,7 +114,7 @@ def ours(args: argparse.Namespace, prompts: dict[str, Any], prompts_len: dict[st
                 out["sdk_default_chat"] = {"ok": True, "chunks_read": got}
                 print(json.dumps(out["sdk_default_chat"]), flush=True)
                 # 3. a 3,596-token prompt, 500 tokens: RSS with one full 4,096-token context held
-                full = completion(client, url, prompts["p_full"], FULL - prompts_len["p_full"])
+                full = completion(client, url, prompts["p_full"], FULL - full_prompt_tokens)
                 full["context_tokens"] = (full["prompt_tokens"] or 0) + full["tokens"]
                 out["full_context"] = full
                 out["after_full_context"] = memory_gb(proc.pid)
@@ -182,12 +183,10 @@ def main() -> None:
         "p3000": p3000,
         "p_full": prompt_of(FULL - 500, count, head=p3000),
     }
-    prompts_len = {"p_full": count(prompts["p_full"])}
     print({k: [count(p) for p in v] if isinstance(v, list) else count(v) for k, v in prompts.items()},
           flush=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), "?")
-    result: dict[str, Any] = {"cpu": cpu, "model": str(args.model), "ours": ours(args, prompts, prompts_len)}
+    result: dict[str, Any] = {"cpu": cpu_name(), "model": str(args.model),
+                              "ours": ours(args, prompts, count(prompts["p_full"]))}
     if args.llama_server:
         result["llama_server"] = llama_server(args, prompts)
         a = result["ours"]["decode_at_3000"]["decode_tok_s"]

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 from llamaserve.bench.report import LevelMetrics, Stats
+from tests.benchmark_scripts import load_benchmark
 
-
-def _compare() -> ModuleType:
-    path = Path(__file__).parent.parent / "benchmarks" / "compare.py"
-    spec = importlib.util.spec_from_file_location("compare", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _compare()
+compare = load_benchmark("compare")
 
 
 def _level(concurrency: int, tps: float, ttft_p50: float, ttft_p99: float, failed: int = 0) -> LevelMetrics:

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from tests.benchmark_scripts import load_benchmark
 
-def _load() -> ModuleType:
-    path = Path(__file__).parent.parent / "benchmarks" / "health_probe.py"
-    spec = importlib.util.spec_from_file_location("health_probe", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["health_probe"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-health_probe = _load()
+health_probe = load_benchmark("health_probe")
 
 
 class Stub(ThreadingHTTPServer):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -22,6 +21,7 @@ from llamaserve.loader.tokenizer import Tokenizer, load_tokenizer
 from llamaserve.loader.weights import inspect_model, load_model
 from llamaserve.model import native
 from llamaserve.model.quant import CastLinear, GGUFLinear, Int4Linear, Int8Linear
+from tests.benchmark_scripts import load_benchmark
 from tests.checkpoints import finish_with_placeholders, rel_err
 from tests.paged import forward_logits
 
@@ -40,16 +40,6 @@ LLAMA2_7B = ModelConfig(
     max_position_embeddings=4096,
     tie_word_embeddings=False,
 )
-
-
-def load_benchmark(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
