@@ -66,13 +66,14 @@ DECODE = lambda tables: [(tables[0], 140, 1), (tables[1], 0, 1), (tables[2], 60,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("shape", [PREFILL, DECODE], ids=["prefill", "decode"])
-def test_native_attention_equals_float64_over_the_stored_values(dtype, heads, shape) -> None:
+@pytest.mark.parametrize("D", [64, 136])  # 136: two 64-value passes of the decode path, then 8 values
+def test_native_attention_equals_float64_over_the_stored_values(dtype, heads, shape, D) -> None:
     H, Hkv = heads
-    cache, tables = filled_cache(dtype, Hkv, use_native=True)
+    cache, tables = filled_cache(dtype, Hkv, D=D, use_native=True)
     chunks = shape(tables)
-    q = queries(chunks, H, 64)
+    q = queries(chunks, H, D)
     out = cache.attend(0, q, build_metadata(chunks, 16))
-    assert out.dtype == torch.float32 and out.shape == (q.shape[0], H * 64)
+    assert out.dtype == torch.float32 and out.shape == (q.shape[0], H * D)
     err = (out.double() - reference(cache, q, chunks)).abs().max().item()
     assert err < 2e-5  # float32 arithmetic on the exact stored values: any dtype error is in the pool
 
@@ -106,6 +107,26 @@ def test_native_and_torch_stores_write_the_same_pool(dtype) -> None:
         assert torch.equal(ours.kv[0][slots].float(), kv_new.to(dtype).float())  # torch's rounding
 
 
+@needs_native
+def test_native_bfloat16_store_rounds_like_torch_at_the_edges() -> None:
+    """The vectorized float32 -> bfloat16 store: ties to even, overflow to inf, infinities, tiny and
+    negative zero give torch's bits exactly; NaN stays NaN (in every lane of a vector and in the tail)."""
+    one = 1.0
+    edges = [one + 2**-8, one + 3 * 2**-8, -(one + 2**-8), 3.4028235e38, -3.4028235e38, float("inf"),
+             float("-inf"), 1e-40, -0.0, 0.0, 65504.0, 1 / 3]
+    values = torch.tensor(edges * 11, dtype=torch.float32)[:128].view(1, 2, 64)  # both heads, every lane
+    ours, torchs = PagedKVCache(1, 1, 16, 1, 64, torch.bfloat16), PagedKVCache(1, 1, 16, 1, 64, torch.bfloat16)
+    ours.use_native()
+    slot = torch.tensor([5])
+    ours.write(0, slot, values)
+    torchs.write(0, slot, values)
+    assert torch.equal(ours.kv[0][5].view(torch.int16), torchs.kv[0][5].view(torch.int16))
+    nan = values.clone()
+    nan[0, 0, ::3] = float("nan")
+    ours.write(0, slot, nan)
+    assert torch.equal(ours.kv[0][5].float().isnan(), nan[0].isnan())
+
+
 def test_int8_keeps_a_scale_per_token_and_head_within_half_a_step() -> None:
     x = torch.randn(10, 4, 128) * torch.logspace(-3, 2, 4)[None, :, None]  # heads of very different size
     q, scale = quantize_int8(x)
@@ -115,9 +136,10 @@ def test_int8_keeps_a_scale_per_token_and_head_within_half_a_step() -> None:
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=str)
-def test_native_attention_is_batch_invariant_and_decode_equals_a_prefill_row(dtype) -> None:
-    cache, tables = filled_cache(dtype, 2, use_native=True)
-    q = queries(PREFILL(tables), 6, 64)
+@pytest.mark.parametrize("D", [64, 136])
+def test_native_attention_is_batch_invariant_and_decode_equals_a_prefill_row(dtype, D) -> None:
+    cache, tables = filled_cache(dtype, 2, D=D, use_native=True)
+    q = queries(PREFILL(tables), 6, D)
     together = cache.attend(0, q, build_metadata(PREFILL(tables), 16))
     first = cache.attend(0, q[:37], build_metadata([(tables[0], 100, 37)], 16))
     assert torch.equal(first, together[:37])  # alone or batched: the same bits

@@ -73,14 +73,8 @@ AI float dot1(int64_t dtype, const float *q, const void *row, int64_t D) {
     return hsum_tree(acc);
 }
 
-// The same dot for 8 query rows at once (the row is converted once): out[r] equals dot1(q[r], row).
-AI void dot8(int64_t dtype, const float *const *q, const void *row, int64_t D, float *out) {
-    __m256 a[QTILE];
-    for (int r = 0; r < QTILE; r++) a[r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D; i += 8) {
-        const __m256 k = load8(dtype, row, i);
-        for (int r = 0; r < QTILE; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q[r] + i), k, a[r]);
-    }
+// hsum_tree of 8 vectors at once: out[r] = hsum_tree(a[r]).
+AI void reduce8(const __m256 *a, float *out) {
     // lo + hi of each row, two rows per vector: [r lanes 0..3 | s lanes 0..3]
 #define LOHI(x, y) _mm256_add_ps(_mm256_permute2f128_ps((x), (y), 0x20), _mm256_permute2f128_ps((x), (y), 0x31))
     const __m256 s01 = LOHI(a[0], a[1]), s23 = LOHI(a[2], a[3]), s45 = LOHI(a[4], a[5]), s67 = LOHI(a[6], a[7]);
@@ -91,6 +85,29 @@ AI void dot8(int64_t dtype, const float *const *q, const void *row, int64_t D, f
     _mm256_storeu_ps(t, h);
     out[0] = t[0], out[2] = t[1], out[4] = t[2], out[6] = t[3];
     out[1] = t[4], out[3] = t[5], out[5] = t[6], out[7] = t[7];
+}
+
+// The same dot for 8 query rows at once (the row is converted once): out[r] equals dot1(q[r], row).
+AI void dot8(int64_t dtype, const float *const *q, const void *row, int64_t D, float *out) {
+    __m256 a[QTILE];
+    for (int r = 0; r < QTILE; r++) a[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+        const __m256 k = load8(dtype, row, i);
+        for (int r = 0; r < QTILE; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q[r] + i), k, a[r]);
+    }
+    reduce8(a, out);
+}
+
+// One query row against 8 keys at once (8 independent accumulators, each the chain of dot1 over D in
+// order, reduced by reduce8's tree): out[j] equals dot1(q, row[j]).
+AI void dot1x8(int64_t dtype, const float *q, const void *const *row, int64_t D, float *out) {
+    __m256 a[8];
+    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+        const __m256 qi = _mm256_loadu_ps(q + i);
+        for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qi, load8(dtype, row[j], i), a[j]);
+    }
+    reduce8(a, out);
 }
 
 static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch's float -> bfloat16
@@ -111,9 +128,23 @@ int ls_kv_store(const ls_kv *kv, const float *src, int64_t src_stride, const int
             const float *x = src + t * src_stride + h * D;
             void *dst = (void *)row_at(kv, slot[t], h);
             switch (kv->dtype) {
-            case LS_KV_BF16:
-                for (int64_t i = 0; i < D; i++) ((uint16_t *)dst)[i] = to_bf16(x[i]);
+            case LS_KV_BF16: {
+                int64_t i = 0;
+                for (; i + 8 <= D; i += 8) {  // to_bf16 on 8 values (NaN lanes kept apart, as in to_bf16)
+                    const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(x + i));
+                    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+                    const __m256i rn = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
+                    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                                           _mm256_set1_epi32(0x7f800000));
+                    const __m256i qn = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+                    const __m256i b = _mm256_blendv_epi8(rn, qn, nan);  // 8 x uint16 in 32-bit lanes
+                    const __m256i p = _mm256_packus_epi32(b, b);  // lanes [0..3 0..3 | 4..7 4..7]
+                    _mm_storeu_si128((__m128i *)((uint16_t *)dst + i),
+                                     _mm256_castsi256_si128(_mm256_permute4x64_epi64(p, 0x08)));
+                }
+                for (; i < D; i++) ((uint16_t *)dst)[i] = to_bf16(x[i]);
                 break;
+            }
             case LS_KV_F16:
                 for (int64_t i = 0; i < D; i += 8)
                     _mm_storeu_si128((__m128i *)((uint16_t *)dst + i),
@@ -144,10 +175,10 @@ int ls_kv_store(const ls_kv *kv, const float *src, int64_t src_stride, const int
 // arithmetic is the same whatever nq, nh or the batch: dots of one accumulator in D order reduced by one
 // tree (dot1 = dot8), softmax in column order, and outputs summed in column order; columns a row does not
 // see get weight 0.
-static void attend_block(const ls_kv *kv, const float *q0, int64_t q_stride, float *o0, int64_t o_stride,
-                         int nq, int64_t n0, const int64_t *slots, int64_t h0, int nh, int64_t group,
-                         float scale, float *sc, int64_t L, float *local) {
-    const int64_t D = kv->dim, dt = kv->dtype, Hkv = kv->heads / 2, nmax = n0 + nq - 1;
+AI void attend_block_t(const int64_t dt, const ls_kv *kv, const float *q0, int64_t q_stride, float *o0,
+                       int64_t o_stride, int nq, int64_t n0, const int64_t *slots, int64_t h0, int nh,
+                       int64_t group, float scale, float *sc, int64_t L, float *local) {
+    const int64_t D = kv->dim, Hkv = kv->heads / 2, nmax = n0 + nq - 1;
     const int64_t row_bytes = D * KV_SIZE[dt];
     // Queries and outputs in a contiguous scratch: rows of q and out lie H * D floats apart, a multiple of
     // 4 KiB for common shapes, and would all fall in the same few L1 sets.
@@ -161,7 +192,23 @@ static void attend_block(const ls_kv *kv, const float *q0, int64_t q_stride, flo
             o[hh][i] = local + ((int64_t)(HCHUNK + hh) * QTILE + i) * D;
         }
 #define SC(hh, i) (sc + ((int64_t)(hh) * QTILE + (i)) * L)
-    for (int64_t t = 0; t < nmax; t++) {
+    int64_t t0 = 0;
+    if (nq == 1)  // decode: 8 keys at a time per head (the same arithmetic per key as dot1)
+        for (; t0 + 8 <= nmax; t0 += 8) {
+            if (t0 + 8 + PF_AHEAD <= nmax)
+                for (int64_t t = t0 + PF_AHEAD; t < t0 + 8 + PF_AHEAD; t++)
+                    for (int64_t g = h0 / group; g <= (h0 + nh - 1) / group; g++)
+                        prefetch_row(row_at(kv, slots[t], g), row_bytes);
+            for (int hh = 0; hh < nh; hh++) {
+                const int64_t kvh = (h0 + hh) / group;
+                const void *k[8];
+                for (int j = 0; j < 8; j++) k[j] = row_at(kv, slots[t0 + j], kvh);
+                float d[8];
+                dot1x8(dt, q[hh][0], k, D, d);
+                for (int j = 0; j < 8; j++) SC(hh, 0)[t0 + j] = d[j] * (row_scale(kv, slots[t0 + j], kvh) * scale);
+            }
+        }
+    for (int64_t t = t0; t < nmax; t++) {
         if (t + PF_AHEAD < nmax)
             for (int hh = 0; hh < nh; hh += 1) prefetch_row(row_at(kv, slots[t + PF_AHEAD], (h0 + hh) / group), row_bytes);
         for (int hh = 0; hh < nh; hh++) {
@@ -193,7 +240,29 @@ static void attend_block(const ls_kv *kv, const float *q0, int64_t q_stride, flo
             memset(o[hh][i], 0, sizeof(float) * (size_t)D);
         }
     }
-    if (nq == QTILE) {
+    if (nq == 1) {
+        // Decode: up to 64 output values' sums in registers over all columns (each value's sum in the
+        // same order, from the same zero, as the other paths).
+        for (int hh = 0; hh < nh; hh++) {
+            const int64_t vh = Hkv + (h0 + hh) / group;
+            const float *w = SC(hh, 0);
+            for (int64_t c0 = 0; c0 < D; c0 += 64) {
+                const int nc = D - c0 < 64 ? (int)(D - c0) / 8 : 8;
+                __m256 a[8];
+                for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
+                for (int64_t t = 0; t < nmax; t++) {
+                    if (c0 == 0 && t + PF_AHEAD < nmax) prefetch_row(row_at(kv, slots[t + PF_AHEAD], vh), row_bytes);
+                    const void *v = row_at(kv, slots[t], vh);
+                    const __m256 wt = _mm256_broadcast_ss(w + t);
+                    if (nc == 8)
+                        for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(wt, load8(dt, v, c0 + 8 * c), a[c]);
+                    else
+                        for (int c = 0; c < nc; c++) a[c] = _mm256_fmadd_ps(wt, load8(dt, v, c0 + 8 * c), a[c]);
+                }
+                for (int c = 0; c < nc; c++) _mm256_storeu_ps(o[hh][0] + c0 + 8 * c, a[c]);
+            }
+        }
+    } else if (nq == QTILE) {
         // A full tile: per 8 output values, the 8 rows' sums stay in registers over all columns.
         for (int hh = 0; hh < nh; hh++) {
             const int64_t vh = Hkv + (h0 + hh) / group;
@@ -232,6 +301,20 @@ static void attend_block(const ls_kv *kv, const float *q0, int64_t q_stride, flo
 #undef SC
 }
 
+// attend_block with the pool's dtype a constant, so that load8's switch leaves the inner loops.
+static void attend_block(const ls_kv *kv, const float *q0, int64_t q_stride, float *o0, int64_t o_stride,
+                         int nq, int64_t n0, const int64_t *slots, int64_t h0, int nh, int64_t group,
+                         float scale, float *sc, int64_t L, float *local) {
+#define ATTEND(DT) attend_block_t(DT, kv, q0, q_stride, o0, o_stride, nq, n0, slots, h0, nh, group, scale, sc, L, local)
+    switch (kv->dtype) {
+    case LS_KV_BF16: ATTEND(LS_KV_BF16); break;
+    case LS_KV_F16: ATTEND(LS_KV_F16); break;
+    case LS_KV_I8: ATTEND(LS_KV_I8); break;
+    default: ATTEND(LS_KV_F32);
+    }
+#undef ATTEND
+}
+
 int ls_attention(const ls_kv *kv, const float *q, int64_t q_stride, int64_t H, int64_t B,
                  const int64_t *q_lens, const int64_t *ctx_slots, int64_t L, const int64_t *ctx_lens,
                  float *out, int64_t out_stride) {
@@ -268,7 +351,7 @@ int ls_attention(const ls_kv *kv, const float *q, int64_t q_stride, int64_t H, i
     if (!scores) { free(first); return LS_ENOMEM; }
     const float scale = 1.0f / sqrtf((float)D);
     const int64_t group = H / Hkv;
-#pragma omp parallel for schedule(dynamic, 1) if (work * D >= 1 << 18)
+#pragma omp parallel for schedule(dynamic, 1) if (work * D >= 1 << 15)
     for (int64_t it = 0; it < items; it++) {
         int64_t b = 0;
         while (item0[b + 1] <= it) b++;

@@ -37,6 +37,25 @@ static void silu_mul(const float *h13, int64_t B, int64_t inter, float *act) {  
     }
 }
 
+// RoPE of one head in place: v[i] cos[i] + v[(i + D/2) mod D] sin[i] (rotate-half; sin's first half is
+// negated by the caller), as two products and a sum like torch's x * cos + rotate_half(x) * sin.
+static void rope(float *v, const float *c, const float *s, int64_t D, int64_t half) {
+    float r[MAX_HEAD_DIM];
+    int64_t i = 0;
+    if (half % 8 == 0)
+        for (; i < D; i += 8) {
+            const int64_t j = i < half ? i + half : i - half;
+            const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(v + i), _mm256_loadu_ps(c + i));
+            const __m256 b = _mm256_mul_ps(_mm256_loadu_ps(v + j), _mm256_loadu_ps(s + i));
+            _mm256_storeu_ps(r + i, _mm256_add_ps(a, b));
+        }
+    for (; i < D; i++) {
+        const float a = v[i] * c[i], b = v[i < half ? i + half : i - half] * s[i];
+        r[i] = a + b;
+    }
+    memcpy(v, r, sizeof(float) * (size_t)D);
+}
+
 enum { P_KV, P_ATTN_NORM, P_FFN_NORM, P_WQKV, P_WO, P_W13, P_W2, PER_LAYER };
 
 // cfg: layers, batch, dim, heads, kv heads, head dim, intermediate size, context columns (L). ptrs: per
@@ -77,11 +96,7 @@ int ls_decode_layers(const int64_t *cfg, float eps, float *x, const float *cos, 
         for (int64_t b = 0; b < B; b++) {
             float *row = qkv + b * qkv_n;
             const float *c = cos + b * D, *s = sin + b * D;
-            for (int64_t h = 0; h < H + Hkv; h++) {  // RoPE on the q and k heads
-                float *v = row + h * D, r[MAX_HEAD_DIM];
-                for (int64_t i = 0; i < D; i++) r[i] = v[i] * c[i] + v[(i + half) % D] * s[i];
-                memcpy(v, r, sizeof(float) * (size_t)D);
-            }
+            for (int64_t h = 0; h < H + Hkv; h++) rope(row + h * D, c, s, D, half);  // q and k heads
         }
         if ((rc = ls_kv_store(kv, qkv + H * D, qkv_n, slot, B))) break;
         if ((rc = ls_attention(kv, qkv, qkv_n, H, B, ones, ctx_slots, Lctx, ctx_lens, att, H * D))) break;
