@@ -72,7 +72,7 @@ def test_unpacking_is_exact(qtype):
 @pytest.mark.parametrize("qtype", list(formats.FORMATS), ids=lambda q: q.name)
 def test_matmul_matches_the_reference_within_activation_rounding(qtype, m_rows, variant, two_threads):
     """Weights are exact, so y differs from x @ W^T only by rounding x to int8 per block of 32."""
-    n, k = 40, 512
+    n, k = 40, 512  # 5 groups of 8 rows: on avx512vnni two 16-row pairs and a lone group
     raw = random_blocks(qtype, n, k, seed=qtype.value * 7 + m_rows)
     w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k))
     weight = native.NativeWeight(k, [(qtype, formats.pack(qtype, formats.unpack(qtype, raw, n, k)))])

@@ -169,6 +169,20 @@ int ls_kv_store(const ls_kv *kv, const float *src, int64_t src_stride, const int
     return LS_OK;
 }
 
+// out[c0 .. c0 + 8 NC) = sum over columns t < n, in order, of w[t] x value row t of KV head vh (NC a
+// constant at each call, so that the NC accumulators stay in registers).
+AI void wsum_cols(const int64_t dt, const ls_kv *kv, const int64_t *slots, int64_t vh, const float *w,
+                  int64_t n, int64_t c0, const int NC, float *out) {
+    __m256 a[8];
+    for (int c = 0; c < NC; c++) a[c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; t++) {
+        const void *v = row_at(kv, slots[t], vh);
+        const __m256 wt = _mm256_broadcast_ss(w + t);
+        for (int c = 0; c < NC; c++) a[c] = _mm256_fmadd_ps(wt, load8(dt, v, c0 + 8 * c), a[c]);
+    }
+    for (int c = 0; c < NC; c++) _mm256_storeu_ps(out + c0 + 8 * c, a[c]);
+}
+
 // One block of work: query rows 0..nq-1 of one sequence (row i sees context columns 0 .. n0 + i - 1) for
 // heads h0 .. h0 + nh - 1. Tokens are the outer loop, so each context slot's rows of these heads (adjacent
 // in the pool) are read once, in order, for every row and head of the block. Per (row, head) the
@@ -195,10 +209,13 @@ AI void attend_block_t(const int64_t dt, const ls_kv *kv, const float *q0, int64
     int64_t t0 = 0;
     if (nq == 1)  // decode: 8 keys at a time per head (the same arithmetic per key as dot1)
         for (; t0 + 8 <= nmax; t0 += 8) {
-            if (t0 + 8 + PF_AHEAD <= nmax)
-                for (int64_t t = t0 + PF_AHEAD; t < t0 + 8 + PF_AHEAD; t++)
-                    for (int64_t g = h0 / group; g <= (h0 + nh - 1) / group; g++)
-                        prefetch_row(row_at(kv, slots[t], g), row_bytes);
+            // The keys two groups on, and their values (read right after this pass): DRAM is ~300
+            // cycles away and the slots of a context are scattered over the pool's blocks.
+            for (int64_t t = t0 + 2 * 8; t < t0 + 3 * 8 && t < nmax; t++)
+                for (int64_t g = h0 / group; g <= (h0 + nh - 1) / group; g++) {
+                    prefetch_row(row_at(kv, slots[t], g), row_bytes);
+                    prefetch_row(row_at(kv, slots[t], Hkv + g), row_bytes);
+                }
             for (int hh = 0; hh < nh; hh++) {
                 const int64_t kvh = (h0 + hh) / group;
                 const void *k[8];
@@ -227,16 +244,30 @@ AI void attend_block_t(const int64_t dt, const ls_kv *kv, const float *q0, int64
     for (int hh = 0; hh < nh; hh++) {
         const int64_t vh = Hkv + (h0 + hh) / group;
         for (int i = 0; i < nq; i++) {
-            float *s = SC(hh, i), mx = -INFINITY, sum = 0.0f;
+            // Softmax over the row's n columns; the sums' order depends on n only.
+            float *s = SC(hh, i);
             const int64_t n = n0 + i;
-            for (int64_t t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
             int64_t t = 0;
-            for (; t + 8 <= n; t += 8)
-                _mm256_storeu_ps(s + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx))));
-            for (; t < n; t++) s[t] = expf(s[t] - mx);
-            for (t = 0; t < n; t++) sum += s[t];
-            for (t = 0; t < n; t++) s[t] = s[t] / sum * row_scale(kv, slots[t], vh);
-            for (; t < nmax; t++) s[t] = 0.0f;  // columns this row does not see
+            __m256 v8 = _mm256_set1_ps(-INFINITY);
+            for (; t + 8 <= n; t += 8) v8 = _mm256_max_ps(v8, _mm256_loadu_ps(s + t));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+            for (; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+            v8 = _mm256_setzero_ps();
+            for (t = 0; t + 8 <= n; t += 8) {
+                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx)));
+                _mm256_storeu_ps(s + t, e);
+                v8 = _mm256_add_ps(v8, e);
+            }
+            float sum = hsum_tree(v8);
+            for (; t < n; t++) sum += (s[t] = expf(s[t] - mx));
+            t = 0;
+            if (dt != LS_KV_I8)  // (no scale per column: value x 1 is exact)
+                for (; t + 8 <= n; t += 8)
+                    _mm256_storeu_ps(s + t, _mm256_div_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(sum)));
+            for (; t < n; t++) s[t] = s[t] / sum * row_scale(kv, slots[t], vh);
+            for (t = n; t < nmax; t++) s[t] = 0.0f;  // columns this row does not see
             memset(o[hh][i], 0, sizeof(float) * (size_t)D);
         }
     }
@@ -246,21 +277,9 @@ AI void attend_block_t(const int64_t dt, const ls_kv *kv, const float *q0, int64
         for (int hh = 0; hh < nh; hh++) {
             const int64_t vh = Hkv + (h0 + hh) / group;
             const float *w = SC(hh, 0);
-            for (int64_t c0 = 0; c0 < D; c0 += 64) {
-                const int nc = D - c0 < 64 ? (int)(D - c0) / 8 : 8;
-                __m256 a[8];
-                for (int c = 0; c < 8; c++) a[c] = _mm256_setzero_ps();
-                for (int64_t t = 0; t < nmax; t++) {
-                    if (c0 == 0 && t + PF_AHEAD < nmax) prefetch_row(row_at(kv, slots[t + PF_AHEAD], vh), row_bytes);
-                    const void *v = row_at(kv, slots[t], vh);
-                    const __m256 wt = _mm256_broadcast_ss(w + t);
-                    if (nc == 8)
-                        for (int c = 0; c < 8; c++) a[c] = _mm256_fmadd_ps(wt, load8(dt, v, c0 + 8 * c), a[c]);
-                    else
-                        for (int c = 0; c < nc; c++) a[c] = _mm256_fmadd_ps(wt, load8(dt, v, c0 + 8 * c), a[c]);
-                }
-                for (int c = 0; c < nc; c++) _mm256_storeu_ps(o[hh][0] + c0 + 8 * c, a[c]);
-            }
+            int64_t c0 = 0;
+            for (; c0 + 64 <= D; c0 += 64) wsum_cols(dt, kv, slots, vh, w, nmax, c0, 8, o[hh][0]);
+            if (c0 < D) wsum_cols(dt, kv, slots, vh, w, nmax, c0, (int)(D - c0) / 8, o[hh][0]);
         }
     } else if (nq == QTILE) {
         // A full tile: per 8 output values, the 8 rows' sums stay in registers over all columns.
