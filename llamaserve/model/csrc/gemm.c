@@ -122,9 +122,15 @@ enum { DIRECT, FILL, READ };  // unpack each block; unpack and keep it in the sc
         const size_t per_thread = (size_t)nb * (PAIRS ? 16 : 8) * 48;                              \
         if (SCRATCH && a->M > MTILE && !(scratch = aligned_alloc(64, (size_t)omp_get_max_threads() * per_thread))) \
             return LS_ENOMEM;                                                                      \
+        /* Several activation rows (compute-bound): chunks of about a sixteenth of a thread's share, \
+           so that a thread the OS takes away for a while (another process on a 2-core machine)    \
+           holds up a sixteenth, not half, of the work. One row (memory-bound, often short): a     \
+           contiguous half each, which streams best. */                                            \
+        const int64_t chunk = units / (16 * omp_get_max_threads()) > 1 ? units / (16 * omp_get_max_threads()) : 1; \
+        omp_set_schedule(a->M > 1 ? omp_sched_dynamic : omp_sched_static, a->M > 1 ? (int)chunk : 0); \
         for (int64_t c0 = 0; c0 < a->M; c0 += MCHUNK) {                                            \
             const int64_t c1 = c0 + MCHUNK < a->M ? c0 + MCHUNK : a->M;                            \
-            _Pragma("omp parallel for schedule(static)")                                           \
+            _Pragma("omp parallel for schedule(runtime)")                                          \
             for (int64_t u = 0; u < units; u++) {                                                  \
                 uint8_t *scr = scratch ? scratch + (size_t)omp_get_thread_num() * per_thread : NULL;  \
                 const int64_t g = PAIRS ? 2 * u : u;                                               \
