@@ -30,6 +30,12 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; no request can be served until a restart."""
 
 
+def _put_all(items: list[tuple[asyncio.Queue, tuple]]) -> None:
+    """On the event loop: one step's deliveries, in order."""
+    for q, item in items:
+        q.put_nowait(item)
+
+
 def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
     """Resolve a future from the event loop's side, unless its waiter has gone."""
     if future.done():
@@ -448,10 +454,16 @@ class AsyncEngine:
                     self._push(cmd.request_id, e)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs to their streams: one wake-up of each event loop per step, not one per
+        request (at 64 streams that was 64 writes to the loop's self-pipe a step)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]] = {}
         for out in outputs:
-            self._push(out.request_id, out)
+            self._push(out.request_id, out, batches)
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
-    def _push(self, request_id: str, item: object) -> None:
+    def _push(self, request_id: str, item: object,
+              batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]] | None = None) -> None:
         with self._lock:
             target = self._targets.get(request_id)
         if target is None:
@@ -465,7 +477,10 @@ class AsyncEngine:
                              "stopped rather than buffered without bound")
                 target.loop.call_soon_threadsafe(target.queue.put_nowait, (target.index, out))
             return
-        target.loop.call_soon_threadsafe(target.queue.put_nowait, (target.index, item))
+        if batches is None:
+            target.loop.call_soon_threadsafe(target.queue.put_nowait, (target.index, item))
+        else:
+            batches.setdefault(target.loop, []).append((target.queue, (target.index, item)))
 
     def _fail_pending(self, error: BaseException) -> None:
         with self._lock:

@@ -244,7 +244,7 @@ AI void attend_block_t(const int64_t dt, const ls_kv *kv, const float *q0, int64
     for (int hh = 0; hh < nh; hh++) {
         const int64_t vh = Hkv + (h0 + hh) / group;
         for (int i = 0; i < nq; i++) {
-            // Softmax over the row's n columns; the sums' order depends on n only.
+            // Softmax over the row's n columns (the sum in column order).
             float *s = SC(hh, i);
             const int64_t n = n0 + i;
             int64_t t = 0;
@@ -254,14 +254,11 @@ AI void attend_block_t(const int64_t dt, const ls_kv *kv, const float *q0, int64
             m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
             float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
             for (; t < n; t++) mx = s[t] > mx ? s[t] : mx;
-            v8 = _mm256_setzero_ps();
-            for (t = 0; t + 8 <= n; t += 8) {
-                const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx)));
-                _mm256_storeu_ps(s + t, e);
-                v8 = _mm256_add_ps(v8, e);
-            }
-            float sum = hsum_tree(v8);
-            for (; t < n; t++) sum += (s[t] = expf(s[t] - mx));
+            for (t = 0; t + 8 <= n; t += 8)
+                _mm256_storeu_ps(s + t, exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(mx))));
+            for (; t < n; t++) s[t] = expf(s[t] - mx);
+            float sum = 0.0f;
+            for (t = 0; t < n; t++) sum += s[t];
             t = 0;
             if (dt != LS_KV_I8)  // (no scale per column: value x 1 is exact)
                 for (; t + 8 <= n; t += 8)
