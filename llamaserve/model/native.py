@@ -188,6 +188,8 @@ def _bind(path: Path, variant: str) -> ctypes.CDLL:
     for fn in (lib.ls_matmul, lib.ls_linear_check, lib.ls_decode_layers, lib.ls_kv_check, lib.ls_kv_store,
                lib.ls_attention):
         fn.restype = ctypes.c_int
+    lib.ls_stream_read.argtypes = [ptr, i64]
+    lib.ls_stream_read.restype = i64
     return lib
 
 
@@ -201,6 +203,14 @@ def kernels() -> Kernels:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("native kernels unavailable (%s): using torch's, which are slower", exc)
         return Kernels(None, None, str(exc))
+
+
+def stream_read(buf: torch.Tensor) -> int:
+    """Read a contiguous uint8 buffer (length a multiple of 256) once on every thread, as a one-row matmul
+    streams its weights; returns the bytes' XOR. For timing the machine's streaming-read rate."""
+    if buf.dtype != torch.uint8 or not buf.is_contiguous() or buf.numel() % 256 or buf.device.type != "cpu":
+        raise ValueError("stream_read needs a contiguous CPU uint8 buffer of a multiple of 256 bytes")
+    return int(_require().ls_stream_read(buf.data_ptr(), buf.numel()))
 
 
 def available() -> bool:

@@ -223,6 +223,23 @@ int ls_matmul(const ls_linear *lin, const float *x, int64_t M, float *y) {
     return rc;
 }
 
+// Reads n bytes (a multiple of 256) from p on every thread, contiguous halves as a one-row matmul reads its
+// weights, and returns their XOR (so that no read can be dropped). benchmarks/memory_ceiling.py times it:
+// the rate at which this machine streams weights from DRAM bounds every one-stream decode.
+int64_t ls_stream_read(const uint8_t *p, int64_t n) {
+    int64_t all = 0;
+#pragma omp parallel reduction(^ : all)
+    {
+        __m256i x = _mm256_setzero_si256();
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < n / 256; i++)
+            for (int j = 0; j < 8; j++) x = _mm256_xor_si256(x, _mm256_loadu_si256((const __m256i *)(p + 256 * i) + j));
+        all ^= _mm256_extract_epi64(x, 0) ^ _mm256_extract_epi64(x, 1) ^ _mm256_extract_epi64(x, 2) ^
+               _mm256_extract_epi64(x, 3);
+    }
+    return all;
+}
+
 int64_t ls_abi_version(void) { return LS_ABI_VERSION; }
 int64_t ls_sizeof_linear(void) { return (int64_t)sizeof(ls_linear); }
 const char *ls_variant(void) { return LS_VARIANT; }
