@@ -31,7 +31,9 @@
 #define MCHUNK 128  // activation rows per pass over all weights (keeps them in L2 for long prompts)
 // Blocks ahead to prefetch: one M=1 pass is memory-bound and the hardware prefetcher alone left 25% of
 // the bandwidth unused (Zen 3, 2 threads, Q4_K 11008 x 4096 from DRAM: 1.39 -> 1.06 ms).
+#ifndef PF  // (-DPF=N to try another distance: on Zen 4, 4, 16 and 32 were no faster than 8)
 #define PF 8
+#endif
 
 // One block of 32 floats -> 32 int8 values, its scale d and d * sum(q) of each half.
 static inline void quantize_block(const float *x, int8_t *q, float *d, float *s) {
