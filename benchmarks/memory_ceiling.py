@@ -8,7 +8,7 @@ bound cannot be met on this machine, whatever the kernels.
 The rate is timed with our kernels' `ls_stream_read` (every thread reads its contiguous half of a buffer
 far larger than the caches, as a one-row matmul reads its weights), best of --repeats.
 
-    .venv/bin/python benchmarks/memory_ceiling.py --gguf /tmp/q4km.gguf [--gguf ...] [--markdown BENCHMARKS.md]
+    .venv/bin/python benchmarks/memory_ceiling.py --gguf FILE [--gguf FILE ...] [--markdown BENCHMARKS.md]
 """
 
 from __future__ import annotations

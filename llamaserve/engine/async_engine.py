@@ -30,6 +30,9 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; no request can be served until a restart."""
 
 
+_Batches = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]]  # a step's deliveries, per loop
+
+
 def _put_all(items: list[tuple[asyncio.Queue, tuple]]) -> None:
     """On the event loop: one step's deliveries, in order."""
     for q, item in items:
@@ -456,14 +459,13 @@ class AsyncEngine:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """A step's outputs to their streams: one wake-up of each event loop per step, not one per
         request (at 64 streams that was 64 writes to the loop's self-pipe a step)."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]] = {}
+        batches: _Batches = {}
         for out in outputs:
             self._push(out.request_id, out, batches)
         for loop, items in batches.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    def _push(self, request_id: str, item: object,
-              batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple]]] | None = None) -> None:
+    def _push(self, request_id: str, item: object, batches: _Batches | None = None) -> None:
         with self._lock:
             target = self._targets.get(request_id)
         if target is None:

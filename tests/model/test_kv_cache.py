@@ -115,7 +115,7 @@ def test_native_bfloat16_store_rounds_like_torch_at_the_edges() -> None:
     edges = [one + 2**-8, one + 3 * 2**-8, -(one + 2**-8), 3.4028235e38, -3.4028235e38, float("inf"),
              float("-inf"), 1e-40, -0.0, 0.0, 65504.0, 1 / 3]
     values = torch.tensor(edges * 11, dtype=torch.float32)[:128].view(1, 2, 64)  # both heads, every lane
-    ours, torchs = PagedKVCache(1, 1, 16, 1, 64, torch.bfloat16), PagedKVCache(1, 1, 16, 1, 64, torch.bfloat16)
+    ours, torchs = (PagedKVCache(1, 1, 16, 1, 64, torch.bfloat16) for _ in range(2))
     ours.use_native()
     slot = torch.tensor([5])
     ours.write(0, slot, values)
