@@ -1,6 +1,7 @@
 // The C ABI of llamaserve's CPU kernels (mirrored by ctypes structures in model/native.py) and the
 // per-ISA primitives. One source builds every variant: avx2 (AVX2 + FMA + F16C), avxvnni and avx512vnni
-// (the same code with VNNI's vpdpbusd for the u8 x s8 dot products, in its VEX or EVEX encoding).
+// (the same code with VNNI's vpdpbusd for the u8 x s8 dot products, in its VEX or EVEX encoding; the
+// avx512vnni matmuls also run 16 weight rows at a time in 512-bit vectors, gemm.c and group.h).
 #pragma once
 #include <immintrin.h>
 #include <stdint.h>
