@@ -87,6 +87,21 @@ def test_matmul_matches_the_reference_within_activation_rounding(qtype, m_rows, 
     assert ((y - ref.float()).norm() / ref.norm()).item() < 0.02
 
 
+@needs_native
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q8_0, QT.Q5_0], ids=lambda q: q.name)
+def test_one_row_against_long_rows_matches_the_reference(qtype, variant, two_threads):
+    """K >= 2048: on avx512vnni one activation row then takes the weights 16 rows at a time (shorter rows
+    8 at a time, as the test above has them); 40 rows leave a lone 8-row group."""
+    n, k = 40, 2048
+    raw = random_blocks(qtype, n, k, seed=qtype.value)
+    w = torch.from_numpy(dequantize(raw, qtype).reshape(n, k))
+    weight = native.NativeWeight(k, [(qtype, formats.pack(qtype, formats.unpack(qtype, raw, n, k)))])
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(5))
+    ref = x.double() @ w.double().T
+    bound = act_quant_bound(x, w).double() * 1.01 + 1e-5
+    assert bool(((weight.matmul(x).double() - ref).abs() <= bound).all())
+
+
 @pytest.mark.parametrize("qtype", [q for q in formats.FORMATS if q not in (QT.Q2_K, QT.Q3_K)],
                          ids=lambda q: q.name)
 def test_packed_weights_take_the_bytes_of_the_file(qtype):

@@ -94,12 +94,20 @@ enum { DIRECT, FILL, READ };  // unpack each block; unpack and keep it in the sc
 #include "group.h"  // group_u8, group_q8_8: 8 rows at a time, 256-bit vectors
 #undef VW
 #if defined(LS_AVX512VNNI)
-#define PAIRS 1  // the 512-bit kernels take two groups (16 rows) at a time
+#define PAIRS 1  // the 512-bit kernels take two groups (16 rows) at a time, except:
+// One activation row against short rows (K < PAIRS_M1_K) takes one group at a time: a group's stream
+// is then a few KB, and two of them at once streamed worse (embedded SmolLM2, K = 576 / 1536, Zen 4,
+// three alternated runs: 113 / 125 / 146 tok/s with pairs, 129 / 133 / 201 without). Long rows (7B,
+// K = 4096 / 11008) read as fast or faster in pairs (Q8_0 27-33 GB/s against 24-25).
+#ifndef PAIRS_M1_K
+#define PAIRS_M1_K 2048
+#endif
 #define VW 16
 #include "group.h"  // group_u16, group_q8_16
 #undef VW
 #else
 #define PAIRS 0
+#define PAIRS_M1_K 0
 #define group_u16 group_u8  // (names for the branch that PAIRS 0 makes dead)
 #define group_q8_16 group_q8_8
 #endif
@@ -119,7 +127,8 @@ enum { DIRECT, FILL, READ };  // unpack each block; unpack and keep it in the sc
     }
 #define PART_FN(NAME, GROUP_CALL, SCRATCH)                                                                  \
     static int part_##NAME(const ls_part *p, const ls_acts *a, float *y, int64_t ldy) {           \
-        const int64_t groups = p->rows / 8, nb = a->K / QK, units = PAIRS ? (groups + 1) / 2 : groups; \
+        const int pairs = PAIRS && (a->M > 1 || a->K >= PAIRS_M1_K);                              \
+        const int64_t groups = p->rows / 8, nb = a->K / QK, units = pairs ? (groups + 1) / 2 : groups; \
         uint8_t *scratch = NULL; /* per thread: one unit's unpacked blocks (48 bytes a row each) */   \
         const size_t per_thread = (size_t)nb * (PAIRS ? 16 : 8) * 48;                              \
         if (SCRATCH && a->M > MTILE && !(scratch = aligned_alloc(64, (size_t)omp_get_max_threads() * per_thread))) \
@@ -135,10 +144,10 @@ enum { DIRECT, FILL, READ };  // unpack each block; unpack and keep it in the sc
             _Pragma("omp parallel for schedule(runtime)")                                          \
             for (int64_t u = 0; u < units; u++) {                                                  \
                 uint8_t *scr = scratch ? scratch + (size_t)omp_get_thread_num() * per_thread : NULL;  \
-                const int64_t g = PAIRS ? 2 * u : u;                                               \
+                const int64_t g = pairs ? 2 * u : u;                                               \
                 for (int64_t m0 = c0; m0 < c1; m0 += MTILE) {                                      \
                     const int64_t mt = c1 - m0 < MTILE ? c1 - m0 : MTILE;                          \
-                    if (PAIRS && g + 1 < groups) {                                                  \
+                    if (pairs && g + 1 < groups) {                                                  \
                         if (!scr) TILE(GROUP_CALL, DIRECT, 16) /* M <= MTILE: one tile */          \
                         else if (m0 == c0) TILE(GROUP_CALL, FILL, 16)                               \
                         else TILE(GROUP_CALL, READ, 16)                                             \
