@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -22,16 +21,6 @@ from llamaserve.model import native
 TOPICS = ["the ocean", "a robot", "autumn", "a lighthouse", "mountains", "a city at night", "coffee",
           "the moon", "a library", "trains", "a garden", "winter", "music", "a desert", "friendship",
           "rain"]
-
-
-def cpu_name() -> str:
-    """The CPU's model name and whether it has AVX-512 / AMX (they decide which kernels are fast)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
-                platform.machine())
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    extra = [f for f in ("avx512f", "amx_tile") if f in flags] or ["no AVX-512, no AMX"]
-    return f"{name} ({', '.join(extra)})"
 
 
 def run(engine: LLMEngine, batch: int, max_tokens: int) -> dict[str, float]:
@@ -73,7 +62,8 @@ def main() -> None:
         f"### Engine throughput (offline, embedded SmolLM2-135M-Instruct Q4_1, "
         f"quantization {args.quantization}{kernels}{', compiled' if args.compile else ''})",
         "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+        f"Machine: {native.cpu_description()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}, activations {dtype}, quantization {args.quantization}. Greedy, "
         f"ignore_eos, {args.max_tokens} tokens each. "
         f"Start-up (load{' and compile' if args.compile else ''}): {startup:.1f} s.",

@@ -48,19 +48,12 @@ def read_rates(gib: float, repeats: int) -> list[float]:
     return rates
 
 
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    extra = [f for f in ("avx512f", "avx512_vnni", "amx_tile") if f in flags] or ["AVX2 only"]
-    return f"{name} ({', '.join(extra)})"
-
-
 def section(rates: list[float], files: list[Path], threads: int) -> str:
     best, median = max(rates), statistics.median(rates)
     lines = [
         START,
-        f"Streaming read on {cpu_name()}, {threads} threads, kernels {native.kernels().variant}: "
+        f"Streaming read on {native.cpu_description()}, {threads} threads, "
+        f"kernels {native.kernels().variant}: "
         f"best {best / 1e9:.1f} GB/s, median {median / 1e9:.1f} GB/s of {len(rates)}.",
         "",
         "| file | bytes a token reads | one-stream ceiling at the best rate | at the median |",

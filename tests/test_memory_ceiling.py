@@ -46,3 +46,12 @@ def test_stream_read_reads_every_byte_and_refuses_bad_buffers() -> None:
                 torch.zeros(512, dtype=torch.uint8)[::2]):
         with pytest.raises(ValueError, match="multiple of 256"):
             native.stream_read(bad)
+
+
+def test_cpu_description_names_the_model_and_the_kernel_deciding_features(monkeypatch) -> None:
+    cpuinfo = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
+    monkeypatch.setattr(native.Path, "read_text", lambda self, *a, **k: cpuinfo)
+    assert native.cpu_description() == "AMD EPYC 9R14 (avx512f, avx512_vnni)"
+    zen3 = "model name\t: Zen 3\nflags\t: avx2 fma\n"
+    monkeypatch.setattr(native.Path, "read_text", lambda self, *a, **k: zen3)
+    assert native.cpu_description() == "Zen 3 (no AVX-512, no AMX)"

@@ -75,6 +75,21 @@ def cpu_flags() -> set[str]:
     return set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").partition(":")[2].split())
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the features that decide which of our kernels are fast, for benchmark
+    reports (the machines here differ: AVX2 only, or AVX-512 with VNNI)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    name = next((ln.partition(":")[2].strip() for ln in text.splitlines() if ln.startswith("model name")),
+                platform.machine())
+    flags = cpu_flags()
+    extra: list[str] = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "amx_tile") if f in flags]
+    extra = extra or ["no AVX-512, no AMX"]
+    return f"{name} ({', '.join(extra)})"
+
+
 def supported_variants() -> list[str]:
     """The variants this CPU can run, best first."""
     if platform.machine() not in ("x86_64", "AMD64"):
