@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_throughput import cpu_name  # noqa: E402  (the CPU and its AVX-512 / AMX)
 from llama2_7b_measure import llamaserve_cmd, memory_gb, start_server, stop_server  # noqa: E402
+
+from llamaserve.model import native  # noqa: E402
 
 FULL = 4096  # Llama 2's context: step 3's prompt plus its generated tokens fill it exactly
 SENTENCE = "The old lighthouse keeper wrote in his journal every night about the ships and the sea. "
@@ -185,7 +186,7 @@ def main() -> None:
     }
     print({k: [count(p) for p in v] if isinstance(v, list) else count(v) for k, v in prompts.items()},
           flush=True)
-    result: dict[str, Any] = {"cpu": cpu_name(), "model": str(args.model),
+    result: dict[str, Any] = {"cpu": native.cpu_description(), "model": str(args.model),
                               "ours": ours(args, prompts, count(prompts["p_full"]))}
     if args.llama_server:
         result["llama_server"] = llama_server(args, prompts)

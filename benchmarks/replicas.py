@@ -23,11 +23,11 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_throughput import cpu_name  # noqa: E402
 from stress import ServerProcess  # noqa: E402
 
 from llamaserve.bench.load import BenchConfig, run_bench  # noqa: E402
 from llamaserve.bench.report import summarize  # noqa: E402
+from llamaserve.model.native import cpu_description  # noqa: E402
 
 FLAGS = ["--kv-cache-memory", "0.25", "--max-model-len", "2048"]
 MARK = ("<!-- replicas:start -->", "<!-- replicas:end -->")
@@ -98,7 +98,7 @@ def main() -> int:
         server.proc.wait(120)
     plain = rows["plain server"]
     lines = [MARK[0], "## Scaling out: Ray Serve's cost and prefix routing's gain (issue 16)", "",
-             f"`.venv/bin/python benchmarks/replicas.py` at {commit}, on {cpu_name()} (2 cores), the "
+             f"`.venv/bin/python benchmarks/replicas.py` at {commit}, on {cpu_description()} (2 cores), the "
              "embedded model, `" + " ".join(FLAGS) + "`; chat requests from `llamaserve bench`'s built-in "
              "prompts, 16 tokens each (ignore_eos), 32 a level. One run: compare within the table.", "",
              "| server | TTFT p50 c=1 | TTFT p99 c=1 | TTFT p50 c=8 | TTFT p99 c=8 | tokens/s c=8 | "

@@ -43,8 +43,9 @@ from typing import Any
 import gguf_mutants  # benchmarks/ is on sys.path when run as a script
 import httpx
 import psutil
-from engine_throughput import cpu_name
 from health_probe import HealthProbe, HealthSamples
+
+from llamaserve.model.native import cpu_description
 
 MODEL = "smollm2-135m-instruct"
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 40}},
@@ -387,8 +388,8 @@ def main() -> None:
              f"`.venv/bin/python benchmarks/stress.py --requests {args.requests} --disconnects "
              f"{args.disconnects} --mutants {args.mutants} --fuzz-examples {args.fuzz_examples}` (`make "
              f"stress` runs the defaults), commit {commit.strip()}, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_name()}, {psutil.cpu_count()} "
-             "cores, the embedded SmolLM2-135M, loopback only.", ""]
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_description()}, "
+             f"{psutil.cpu_count()} cores, the embedded SmolLM2-135M, loopback only.", ""]
     lines += run_limits("tiny limits", ["--kv-cache-memory", "0.05"], 4, 8, args)
     lines += run_limits("default limits", ["--kv-cache-memory", "0.25"], 64, 256, args)
     lines += ["### hostile files and bodies", ""]

@@ -27,13 +27,13 @@ from typing import Any
 
 import jsonschema
 import uvicorn
-from engine_throughput import cpu_name  # benchmarks/ is on sys.path when run as a script
 from openai import AsyncOpenAI
 
 from llamaserve.config import EngineConfig
 from llamaserve.engine.async_engine import AsyncEngine
 from llamaserve.engine.llm_engine import LLMEngine
 from llamaserve.engine.sampling_params import StructuredOutput
+from llamaserve.model.native import cpu_description
 from llamaserve.server.app import create_app
 from llamaserve.server.settings import ServerSettings
 
@@ -200,7 +200,7 @@ def main() -> None:
     server.should_exit = True
     async_engine.shutdown()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
-    print(f"CPU: {cpu_name()}; commit {commit.strip()}; {args.streams} streams, max_tokens "
+    print(f"CPU: {cpu_description()}; commit {commit.strip()}; {args.streams} streams, max_tokens "
           f"{args.max_tokens}, {args.rounds} rounds each, alternating")
     rate, steady = {}, {}
     for structured, rows in results.items():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llamaserve.model import native
-from tests.benchmark_scripts import load_benchmark
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no AVX2 CPU or no C compiler")
 
@@ -55,3 +55,9 @@ def test_cpu_description_names_the_model_and_the_kernel_deciding_features(monkey
     zen3 = "model name\t: Zen 3\nflags\t: avx2 fma\n"
     monkeypatch.setattr(native.Path, "read_text", lambda self, *a, **k: zen3)
     assert native.cpu_description() == "Zen 3 (no AVX-512, no AMX)"
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py")))
+def test_every_benchmark_script_imports(script) -> None:
+    """A script whose imports broke (a helper moved or renamed) fails here, not in a long run."""
+    load_benchmark(script)
