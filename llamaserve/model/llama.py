@@ -40,6 +40,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
+ROPE_CHUNK = 256  # positions per computation of the cached RoPE table
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -127,6 +130,7 @@ class Transformer(nn.Module):
         with torch.device("cpu"):
             inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._rope_table: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # key, cos, sin [pos, D]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -142,12 +146,39 @@ class Transformer(nn.Module):
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Token embeddings [T, hidden] and the RoPE tables cos, sin [T, 1, D] for these positions."""
         x = self.tok_embeddings(input_ids).to(self.dtype)
+        if torch.compiler.is_compiling():  # (a graph computes them; the cache below is Python state)
+            cos, sin = self._rope(positions, x.dtype)
+        else:
+            cos, sin = self._rope_lookup(positions, x.dtype)
+        return x, cos[:, None, :], sin[:, None, :]
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, D] at these positions, in `dtype`; sin's first half negated (see apply_rope)."""
         inv_freq = cast(torch.Tensor, self.inv_freq)  # a registered buffer
         freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2], float32
         c, s = freqs.cos(), freqs.sin()
-        cos = torch.cat((c, c), dim=-1)[:, None, :].to(x.dtype)  # [T, 1, D]
-        sin = torch.cat((-s, s), dim=-1)[:, None, :].to(x.dtype)  # first half negated (see apply_rope)
-        return x, cos, sin
+        return torch.cat((c, c), dim=-1).to(dtype), torch.cat((-s, s), dim=-1).to(dtype)
+
+    def _rope_lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """_rope's rows from a table computed ROPE_CHUNK positions at a time and kept: a decode step then
+        costs one gather instead of eight small ops. Every chunk is computed by the same ops on the same
+        shape, so a position's values never depend on the order in which positions were first seen."""
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        inv_freq = cast(torch.Tensor, self.inv_freq)
+        # Rebuilt when the frequencies change (the loader sets them after construction) or move.
+        key = (id(inv_freq), inv_freq._version, dtype, positions.device)
+        if self._rope_table is None or self._rope_table[0] != key:
+            empty = torch.empty(0, self.config.head_dim, dtype=dtype, device=positions.device)
+            self._rope_table = (key, empty, empty)
+        _, cos, sin = self._rope_table
+        if need > cos.shape[0]:  # grown by doubling (up to the model's context), so copies add up to O(n)
+            upto = max(need, min(2 * cos.shape[0], self.config.max_position_embeddings))
+            chunks = [self._rope(torch.arange(start, start + ROPE_CHUNK, device=positions.device), dtype)
+                      for start in range(cos.shape[0], upto, ROPE_CHUNK)]
+            cos = torch.cat([cos, *(c for c, _ in chunks)])
+            sin = torch.cat([sin, *(s for _, s in chunks)])
+            self._rope_table = (key, cos, sin)
+        return cos[positions], sin[positions]
 
     def forward(
         self,
