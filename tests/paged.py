@@ -62,8 +62,8 @@ def step(
     with torch.no_grad():
         if fused is not None and meta.q_dest is None:
             x, cos, sin = net.embed(ids, positions)
-            x = fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, native_pools(cache))
-            hidden = net.norm(x)
+            hidden = fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens,
+                               native_pools(cache))  # (the final norm included)
         else:
             hidden = net(ids, positions, meta, cache)  # [T, hidden]
         if last_only:

@@ -141,9 +141,8 @@ class ModelRunner:
                  fused: bool = True) -> torch.Tensor:
         if fused and self.fused is not None and self.runs_fused(meta):
             x, cos, sin = self.model.embed(ids, positions)
-            x = self.fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens,
-                               self.cache.native or [])
-            return self.model.norm(x)
+            return self.fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens,
+                                  self.cache.native or [])  # (the model's last norm included)
         if self.compiled is not None:
             try:
                 # Never compile while serving: a step of a shape class the warm-up missed runs eagerly.

@@ -43,7 +43,7 @@ VARIANTS: dict[str, tuple[list[str], set[str]]] = {
     "vnni-emulated": (["-DLS_VNNI_EMULATED"], {"avx2", "fma", "f16c"}),
 }
 AUTO = ("avx512vnni", "avxvnni", "avx2")  # what "auto" picks from, best first
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_PARTS = 3
 LS_ENOMEM, LS_EINVAL = -1, -2
 
@@ -425,9 +425,10 @@ class FusedDecoder:
     `.float()`, a new state dict) afterwards.
     """
 
-    def __init__(self, model: Any, rows: list[list[int]]) -> None:  # a Transformer
+    def __init__(self, model: Any, rows: list[list[int]], final_norm: int) -> None:  # a Transformer
         cfg = model.config
         self.rows = rows  # per layer: norms, then the 4 linears' ls_linear (the pool is added per cache)
+        self.final_norm = final_norm  # the address of the model's last RMSNorm weight (float32)
         self.shape = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
                       cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size)
         self.eps = float(cfg.rms_norm_eps)
@@ -438,6 +439,9 @@ class FusedDecoder:
         if not available() or getattr(model, "dtype", None) != torch.float32 or model.config.head_dim % 8:
             return None
         rows = []
+        final = model.norm.weight
+        if final.dtype != torch.float32 or not final.is_contiguous():
+            return None
         for layer in model.layers:
             norms = (layer.attention_norm.weight, layer.ffn_norm.weight)
             if any(w.dtype != torch.float32 or not w.is_contiguous() for w in norms):
@@ -447,7 +451,7 @@ class FusedDecoder:
             if any(w is None for w in weights):
                 return None
             rows.append([norms[0].data_ptr(), norms[1].data_ptr(), *(w.address for w in weights if w)])
-        return cls(model, rows)
+        return cls(model, rows, final.data_ptr())
 
     def _pointers(self, pools: list[NativeKV]) -> torch.Tensor:
         key = tuple(p.address for p in pools)
@@ -457,8 +461,10 @@ class FusedDecoder:
         return self._table[1]
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_mapping: torch.Tensor,
-            ctx_slots: torch.Tensor, ctx_lens: torch.Tensor, pools: list[NativeKV]) -> torch.Tensor:
-        """x [B, hidden] float32 (one token per sequence) -> the hidden states after the last layer."""
+            ctx_slots: torch.Tensor, ctx_lens: torch.Tensor, pools: list[NativeKV],
+            final_norm: bool = True) -> torch.Tensor:
+        """x [B, hidden] float32 (one token per sequence) -> the hidden states after the last layer and,
+        with final_norm, the model's last RMSNorm."""
         layers, dim, heads, kv_heads, head_dim, inter = self.shape
         B = x.shape[0]
         x = x.contiguous().clone()
@@ -469,7 +475,8 @@ class FusedDecoder:
         if (x.dtype != torch.float32 or cos.dtype != torch.float32 or x.shape[1] != dim
                 or slots.shape[0] != B or ctx.shape[0] != B or lens.shape[0] != B):
             raise ValueError("fused decode: inputs do not match the model")
-        sizes = [layers, B, dim, heads, kv_heads, head_dim, inter, ctx.shape[1]]
+        norm = self.final_norm if final_norm else 0
+        sizes = [layers, B, dim, heads, kv_heads, head_dim, inter, ctx.shape[1], norm]
         cfg = torch.tensor(sizes, dtype=torch.int64)
         table = self._pointers(pools)
         _check(_require().ls_decode_layers(cfg.data_ptr(), self.eps, x.data_ptr(), cos.data_ptr(),

@@ -7,8 +7,9 @@ import torch
 
 from llamaserve.loader.weights import load_model
 from llamaserve.model import native
+from llamaserve.model.kv_cache import build_metadata
 from tests.checkpoints import rel_err, tiny_hf_model
-from tests.paged import new_seqs, step
+from tests.paged import native_pools, new_seqs, step
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no AVX2 CPU or no C compiler")
 
@@ -85,3 +86,22 @@ def test_models_off_the_native_kernels_keep_the_layer_path(monkeypatch):
     assert native.FusedDecoder.for_model(load_model(None)[0]) is not None  # auto: Q4_1 and Q8_0 blocks
     monkeypatch.setattr(native, "available", lambda: False)
     assert native.FusedDecoder.for_model(load_model(None, quantization="int4")[0]) is None  # torch int4
+
+
+
+def test_the_fused_step_applies_the_final_norm_as_the_model_does(tmp_path):
+    """The fused call ends with the model's last RMSNorm (in our C arithmetic: torch may sum in another
+    order); with final_norm=False it returns the hidden states before that norm."""
+    tiny_hf_model(seed=5, num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)
+    net, _ = load_model(str(tmp_path), quantization="int8")
+    fused = native.FusedDecoder.for_model(net)
+    assert fused is not None
+    cache, seqs = new_seqs(net, [[1, 2, 3, 4, 5], [7, 8, 9]], extra=2)
+    step(net, cache, [(s, len(s.ids)) for s in seqs])
+    meta = build_metadata([(s.table, s.done, 1) for s in seqs], cache.block_size)
+    x, cos, sin = net.embed(torch.tensor([11, 12]), torch.tensor([s.done for s in seqs]))
+    args = (cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens, native_pools(cache))
+    before = fused.run(x, *args, final_norm=False)
+    after = fused.run(x, *args)  # (the same new K/V are stored again: the same inputs)
+    assert not torch.equal(before, after)
+    assert rel_err(after, net.norm(before)) < 1e-6

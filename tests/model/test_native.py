@@ -143,7 +143,7 @@ def test_the_c_side_refuses_what_it_cannot_trust():
         weight.matmul(torch.zeros(1, 128))
     # The fused decode step checks its sizes: head_dim 1024 is above the kernel's limit.
     lib = native.kernels().lib
-    cfg = torch.tensor([1, 1, 1024, 1, 1, 1024, 8, 32], dtype=torch.int64)
+    cfg = torch.tensor([1, 1, 1024, 1, 1, 1024, 8, 32, 0], dtype=torch.int64)
     x = torch.zeros(1, 1024)
     zeros = torch.zeros(64, dtype=torch.int64)
     ptrs = torch.zeros(7, dtype=torch.int64)

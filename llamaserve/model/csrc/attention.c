@@ -123,6 +123,10 @@ int ls_kv_store(const ls_kv *kv, const float *src, int64_t src_stride, const int
     for (int64_t t = 0; t < T; t++)
         if (slot[t] < 0 || slot[t] >= kv->slots) return LS_EINVAL;
     const int64_t D = kv->dim;
+#ifndef PAR_STORE
+#define PAR_STORE 4
+#endif
+#pragma omp parallel for schedule(static) if (T >= PAR_STORE)  // (a step's slots are distinct)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < kv->heads; h++) {
             const float *x = src + t * src_stride + h * D;

@@ -13,7 +13,14 @@
 
 #define MAX_HEAD_DIM 512
 
+// Rows of the per-row steps below (norms, RoPE, SiLU, residuals) run on all threads from this batch on;
+// each row's arithmetic is the same either way.
+#ifndef PAR_ROWS
+#define PAR_ROWS 4
+#endif
+
 static void rms_norm(const float *x, const float *w, float eps, int64_t B, int64_t dim, float *out) {
+#pragma omp parallel for schedule(static) if (B >= PAR_ROWS)
     for (int64_t b = 0; b < B; b++) {
         const float *xb = x + b * dim;
         float ss = 0.0f;
@@ -24,6 +31,7 @@ static void rms_norm(const float *x, const float *w, float eps, int64_t B, int64
 }
 
 static void silu_mul(const float *h13, int64_t B, int64_t inter, float *act) {  // SiLU(gate) * up
+#pragma omp parallel for schedule(static) if (B >= PAR_ROWS)
     for (int64_t b = 0; b < B; b++) {
         const float *gate = h13 + b * 2 * inter, *up = gate + inter;
         float *a = act + b * inter;
@@ -58,14 +66,22 @@ static void rope(float *v, const float *c, const float *s, int64_t D, int64_t ha
 
 enum { P_KV, P_ATTN_NORM, P_FFN_NORM, P_WQKV, P_WO, P_W13, P_W2, PER_LAYER };
 
-// cfg: layers, batch, dim, heads, kv heads, head dim, intermediate size, context columns (L). ptrs: per
-// layer the PER_LAYER addresses above (the pool as ls_kv, the linears as
-// ls_linear). Returns LS_OK, LS_ENOMEM or LS_EINVAL.
+static void add_rows(float *x, const float *y, int64_t B, int64_t dim) {  // x += y, row by row
+#pragma omp parallel for schedule(static) if (B >= PAR_ROWS)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t i = b * dim; i < (b + 1) * dim; i++) x[i] += y[i];
+}
+
+// cfg: layers, batch, dim, heads, kv heads, head dim, intermediate size, context columns (L), and the
+// address of the final norm's weight (float32 [dim]; 0: x is returned before it). ptrs: per layer the
+// PER_LAYER addresses above (the pool as ls_kv, the linears as ls_linear). Returns LS_OK, LS_ENOMEM or
+// LS_EINVAL.
 int ls_decode_layers(const int64_t *cfg, float eps, float *x, const float *cos, const float *sin,
                      const int64_t *slot, const int64_t *ctx_slots, const int64_t *ctx_lens,
                      const int64_t *ptrs) {
     const int64_t layers = cfg[0], B = cfg[1], dim = cfg[2], H = cfg[3], Hkv = cfg[4], D = cfg[5];
     const int64_t inter = cfg[6], Lctx = cfg[7];
+    const float *final_norm = (const float *)cfg[8];
     if (D < 2 || D > MAX_HEAD_DIM || D % 2 || Hkv < 1 || H % Hkv || B < 1 || Lctx < 1) return LS_EINVAL;
     const int64_t qkv_n = (H + 2 * Hkv) * D, half = D / 2;
     const int64_t want[4][2] = {{dim, qkv_n}, {H * D, dim}, {dim, 2 * inter}, {inter, dim}};  // (k, n)
@@ -93,6 +109,7 @@ int ls_decode_layers(const int64_t *cfg, float eps, float *x, const float *cos, 
         const ls_kv *kv = (const ls_kv *)p[P_KV];
         rms_norm(x, (const float *)p[P_ATTN_NORM], eps, B, dim, xn);
         if ((rc = ls_matmul((const ls_linear *)p[P_WQKV], xn, B, qkv))) break;
+#pragma omp parallel for schedule(static) if (B >= PAR_ROWS)
         for (int64_t b = 0; b < B; b++) {
             float *row = qkv + b * qkv_n;
             const float *c = cos + b * D, *s = sin + b * D;
@@ -101,13 +118,14 @@ int ls_decode_layers(const int64_t *cfg, float eps, float *x, const float *cos, 
         if ((rc = ls_kv_store(kv, qkv + H * D, qkv_n, slot, B))) break;
         if ((rc = ls_attention(kv, qkv, qkv_n, H, B, ones, ctx_slots, Lctx, ctx_lens, att, H * D))) break;
         if ((rc = ls_matmul((const ls_linear *)p[P_WO], att, B, tmp))) break;
-        for (int64_t i = 0; i < B * dim; i++) x[i] += tmp[i];
+        add_rows(x, tmp, B, dim);
         rms_norm(x, (const float *)p[P_FFN_NORM], eps, B, dim, xn);
         if ((rc = ls_matmul((const ls_linear *)p[P_W13], xn, B, h13))) break;
         silu_mul(h13, B, inter, act);
         if ((rc = ls_matmul((const ls_linear *)p[P_W2], act, B, tmp))) break;
-        for (int64_t i = 0; i < B * dim; i++) x[i] += tmp[i];
+        add_rows(x, tmp, B, dim);
     }
+    if (rc == LS_OK && final_norm) rms_norm(x, final_norm, eps, B, dim, x);  // (in place: a row is read first)
     free(xn); free(qkv); free(att); free(h13); free(act); free(tmp); free(ones);
     return rc;
 }

@@ -7,7 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LS_ABI_VERSION 4
+#define LS_ABI_VERSION 5
 #define LS_MAX_PARTS 3
 #define LS_OK 0
 #define LS_ENOMEM (-1)
