@@ -43,6 +43,21 @@ def test_greedy_is_argmax_and_leaves_input_alone() -> None:
     assert torch.equal(logits, before)
 
 
+@pytest.mark.parametrize("params", [
+    {"logit_bias": {3: 100.0}}, {"repetition_penalty": 1.5}, {"presence_penalty": 1.0},
+    {"frequency_penalty": 1.0}, {"min_tokens": 2},
+])
+def test_stages_that_modify_logits_work_on_a_copy_of_float32_input(params) -> None:
+    """float32 logits are only copied when a stage modifies them (a view otherwise): every stage that does
+    must still leave the caller's tensor alone."""
+    logits = random_logits(3)
+    before = logits.clone()
+    seqs = [make_seq(0, temperature=0.0), make_seq(1, output=[1, 2], temperature=0.0, **params),
+            make_seq(2, temperature=0.7, top_p=0.9)]
+    Sampler(VOCAB, [EOS], seed=0).sample(logits, seqs)
+    assert torch.equal(logits, before)
+
+
 def test_padding_columns_are_never_sampled() -> None:
     logits = random_logits(2, VOCAB + 14)
     logits[:, VOCAB:] = 100.0  # padded vocabulary columns

@@ -69,7 +69,7 @@ int ls_acts_init(ls_acts *a, const float *x, int64_t M, int64_t K) {
     a->d = malloc(sizeof(float) * (size_t)blocks);
     a->s = malloc(sizeof(float) * (size_t)(2 * blocks));
     if (!a->q || !a->d || !a->s) { ls_acts_free(a); return LS_ENOMEM; }
-#pragma omp parallel for schedule(static) if (blocks >= 2048)
+#pragma omp parallel for schedule(static) if (blocks >= 512)  // (a batch of 16 rows of 1,024)
     for (int64_t b = 0; b < blocks; b++) quantize_block(x + b * QK, a->q + b * QK, a->d + b, a->s + 2 * b);
     return LS_OK;
 }
