@@ -1,9 +1,13 @@
-"""Peer comparison: our server against llama.cpp's llama-server on the embedded GGUF, one after the other.
+"""Peer comparison: our server against llama.cpp's llama-server on the embedded GGUF, level by level.
 
-Each server is started alone (the machine has few cores), waited on until /health answers 200, loaded by
-`llamaserve bench` (closed loop, streamed, greedy, ignore_eos), then stopped. The two JSON reports are
-compared into a table and a plot, and a section between `<!-- compare:start -->` and
-`<!-- compare:end -->` in the markdown file is replaced with the numbers measured in this run.
+Both servers are started and waited on until /health answers 200. Then each concurrency level loads our
+server, then llama-server, with `llamaserve bench` (closed loop, streamed, greedy, ignore_eos): one server
+works at a time (the machine has few cores) and the other sits idle, and the two measurements of a level
+are minutes apart at most, not a whole run apart. (These shared machines run 20-40% slower in some
+stretches than in others.) --sequential instead benchmarks one server alone at every level, then the
+other. The two JSON reports are compared into a table and a plot, and a section between
+`<!-- compare:start -->` and `<!-- compare:end -->` in the markdown file is replaced with the numbers
+measured in this run.
 
 Usage: .venv/bin/python benchmarks/compare.py [--serve-args "--quantization int4"] [--smoke]
 Build llama-server first: benchmarks/build_llama_server.sh
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import os
 import shlex
 import signal
@@ -67,24 +72,75 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def run_one(label: str, server_cmd: list[str], port: int, bench_args: list[str], out_dir: Path,
-            health_timeout: float) -> tuple[Path, list[str]]:
-    """Start one server, benchmark it, stop it. Returns the JSON report and the bench command."""
+def start(label: str, server_cmd: list[str], port: int, out_dir: Path,
+          health_timeout: float) -> subprocess.Popen[bytes]:
+    """Start a server and wait until it is healthy (stopped again if it never is)."""
     log = out_dir / f"{label}.server.log"
-    json_out = out_dir / f"{label}.json"
-    bench_cmd = [str(BIN / "llamaserve"), "bench", "--base-url", f"http://127.0.0.1:{port}", *bench_args,
-                 "--json-out", str(json_out), "--label", label]
     print(f"compare: starting {label}: {shlex.join(server_cmd)}", flush=True)
     with log.open("wb") as f:
         proc = subprocess.Popen(server_cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
         wait_healthy(proc, f"http://127.0.0.1:{port}/health", health_timeout, log)
-        print(f"compare: {label} healthy; {shlex.join(bench_cmd)}", flush=True)
-        json_out.unlink(missing_ok=True)
-        subprocess.run(bench_cmd, check=True, cwd=ROOT)
+    except BaseException:
+        stop(proc)
+        raise
+    print(f"compare: {label} healthy", flush=True)
+    return proc
+
+
+def bench(label: str, port: int, bench_args: list[str], json_out: Path) -> list[str]:
+    """Load one server with `llamaserve bench`; returns the command."""
+    cmd = [str(BIN / "llamaserve"), "bench", "--base-url", f"http://127.0.0.1:{port}", *bench_args,
+           "--json-out", str(json_out), "--label", label]
+    print(f"compare: {shlex.join(cmd)}", flush=True)
+    json_out.unlink(missing_ok=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return cmd
+
+
+def run_one(label: str, server_cmd: list[str], port: int, bench_args: list[str], out_dir: Path,
+            health_timeout: float) -> tuple[Path, list[str]]:
+    """Start one server, benchmark it, stop it. Returns the JSON report and the bench command."""
+    proc = start(label, server_cmd, port, out_dir, health_timeout)
+    try:
+        json_out = out_dir / f"{label}.json"
+        return json_out, bench(label, port, bench_args, json_out)
     finally:
         stop(proc)
-    return json_out, bench_cmd
+
+
+def merge_levels(parts: list[Path], out: Path) -> None:
+    """One JSON report from per-level reports of the same server (levels in the given order)."""
+    reports = [json.loads(p.read_text()) for p in parts]
+    merged = {**reports[0], "levels": [lv for r in reports for lv in r["levels"]]}
+    out.write_text(json.dumps(merged, indent=1) + "\n")
+
+
+def run_interleaved(sides: list[tuple[str, list[str], int]], args: argparse.Namespace, out_dir: Path,
+                    ) -> tuple[list[Path], list[list[str]]]:
+    """Start every server, then at each concurrency level benchmark them one after the other; stop them.
+    Returns each server's merged JSON report and its bench command, the level written N."""
+    procs: list[subprocess.Popen[bytes]] = []
+    parts: list[list[Path]] = [[] for _ in sides]
+    try:
+        for label, cmd, port in sides:
+            procs.append(start(label, cmd, port, out_dir, args.health_timeout))
+        for level in args.concurrency:
+            for i, (label, _, port) in enumerate(sides):
+                parts[i].append(out_dir / f"{label}.c{level}.json")
+                bench(label, port, load_args(args, [level]), parts[i][-1])
+    finally:
+        for proc in procs:
+            stop(proc)
+    outs, cmds = [], []
+    for (label, _, port), files in zip(sides, parts, strict=True):
+        outs.append(out_dir / f"{label}.json")
+        merge_levels(files, outs[-1])
+        per_level = load_args(args, [])
+        per_level.insert(1, "N")  # (each level N in turn)
+        cmds.append([str(BIN / "llamaserve"), "bench", "--base-url", f"http://127.0.0.1:{port}", *per_level,
+                     "--json-out", str(out_dir / f"{label}.cN.json"), "--label", label])
+    return outs, cmds
 
 
 def build_info(llama_server: Path) -> dict[str, str]:
@@ -123,7 +179,7 @@ def _ms(x: float | None) -> str:
 
 
 def section(ours: list[LevelMetrics], peer: list[LevelMetrics], commands: list[str], info: dict[str, str],
-            smoke: bool, commit: str) -> str:
+            smoke: bool, commit: str, sequential: bool = False) -> str:
     """The markdown section, from the two runs' metrics only."""
     title = "## Peer comparison: llamaserve vs llama.cpp llama-server"
     if smoke:
@@ -138,7 +194,9 @@ def section(ours: list[LevelMetrics], peer: list[LevelMetrics], commands: list[s
         f"(from the llama-cpp-python {info.get('llama_cpp_python_sdist', '?')} sdist, "
         f"its {info.get('variant', '?')} build, {amx_note}); "
         f"torch {importlib.metadata.version('torch')}; llamaserve {commit}{nice}.",
-        "Model: the embedded SmolLM2-135M-Instruct Q4_1 GGUF for both. The servers ran one after the other.",
+        "Model: the embedded SmolLM2-135M-Instruct Q4_1 GGUF for both. "
+        + ("The servers ran one after the other." if sequential else
+           "Both servers were up; each level loaded ours, then llama-server (one at a time)."),
         "", "Commands (the first runs the rest):", "", "```", *commands, "```", "",
         "| concurrency | ours tok/s | llama-server tok/s | ours / llama-server | ours TTFT p50 / p99 ms "
         "| llama-server TTFT p50 / p99 ms | failed (ours, llama-server) |",
@@ -186,6 +244,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--plot-out", type=Path, default=None,
                     help="default benchmarks/compare.png (smoke: .bench/)")
     ap.add_argument("--health-timeout", type=float, default=600.0, help="seconds for a server to load")
+    ap.add_argument("--sequential", action="store_true",
+                    help="one server alone at every level, then the other (default: level by level)")
     args = ap.parse_args()
     smoke = args.smoke
     args.concurrency = args.concurrency or ([1] if smoke else [1, 16])
@@ -197,9 +257,11 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def load_args(args: argparse.Namespace) -> list[str]:
-    """The `llamaserve bench` options both servers get: the same load for each."""
-    out = ["--concurrency", *map(str, args.concurrency), "--num-prompts", str(args.num_prompts),
+def load_args(args: argparse.Namespace, levels: list[int] | None = None) -> list[str]:
+    """The `llamaserve bench` options both servers get: the same load for each (at `levels`, default all
+    of --concurrency)."""
+    out = ["--concurrency", *map(str, args.concurrency if levels is None else levels),
+           "--num-prompts", str(args.num_prompts),
            "--max-tokens", str(args.max_tokens), "--ignore-eos", "--temperature", "0"]
     if args.prompts_jsonl is not None:
         out += ["--prompts-jsonl", str(args.prompts_jsonl)]
@@ -218,15 +280,19 @@ def main() -> None:
     gguf = str(default_model_path())
     bench_args = load_args(args)
     suffix = "-smoke" if args.smoke else ""
-    p1 = free_port()
+    p1, p2 = free_port(), free_port()
     ours_cmd = [str(BIN / "llamaserve"), "serve", "--host", "127.0.0.1", "--port", str(p1),
                 *shlex.split(args.serve_args)]
-    ours_json, ours_bench = run_one("ours" + suffix, ours_cmd, p1, bench_args, out_dir, args.health_timeout)
-    p2 = free_port()
     peer_cmd = [str(args.llama_server), "-m", gguf, "--host", "127.0.0.1", "--port", str(p2),
                 *shlex.split(args.llama_server_args)]
-    peer_json, peer_bench = run_one("llama-server" + suffix, peer_cmd, p2, bench_args, out_dir,
-                                    args.health_timeout)
+    if args.sequential:
+        ours_json, ours_bench = run_one("ours" + suffix, ours_cmd, p1, bench_args, out_dir,
+                                        args.health_timeout)
+        peer_json, peer_bench = run_one("llama-server" + suffix, peer_cmd, p2, bench_args, out_dir,
+                                        args.health_timeout)
+    else:
+        sides = [("ours" + suffix, ours_cmd, p1), ("llama-server" + suffix, peer_cmd, p2)]
+        (ours_json, peer_json), (ours_bench, peer_bench) = run_interleaved(sides, args, out_dir)
     compare_cmd = [str(BIN / "llamaserve"), "bench", "--compare", str(ours_json), str(peer_json),
                    "--plot-out", str(args.plot_out)]
     subprocess.run(compare_cmd, check=True, cwd=ROOT)
@@ -234,7 +300,7 @@ def main() -> None:
     commands = [shlex.join(c).replace(str(ROOT) + "/", "") for c in
                 (whole, ours_cmd, ours_bench, peer_cmd, peer_bench, compare_cmd)]
     (_, ours), (_, peer) = load_result(ours_json), load_result(peer_json)
-    text = section(ours, peer, commands, build_info(args.llama_server), args.smoke, commit)
+    text = section(ours, peer, commands, build_info(args.llama_server), args.smoke, commit, args.sequential)
     write_section(args.markdown, text)
     print(f"\n{text}\ncompare: wrote {args.markdown} and {args.plot_out}")
 

@@ -61,3 +61,47 @@ def test_both_servers_get_the_same_load_and_the_optional_prompt_file(monkeypatch
     monkeypatch.setattr("sys.argv", ["compare.py", "--prompts-jsonl", "p.jsonl", "--endpoint", "completions"])
     args = compare.load_args(compare.parse_args())
     assert args[-4:] == ["--prompts-jsonl", "p.jsonl", "--endpoint", "completions"]
+
+
+def test_levels_alternate_between_the_servers_and_both_are_stopped(monkeypatch, tmp_path: Path) -> None:
+    """Default order: both servers up, each level loads ours then llama-server; the per-level reports are
+    merged into one per server, in level order; both servers are stopped even when a bench fails."""
+    import json
+
+    calls: list[str] = []
+    monkeypatch.setattr(compare, "start", lambda label, *a: calls.append(f"start {label}") or label)
+    monkeypatch.setattr(compare, "stop", lambda proc: calls.append(f"stop {proc}"))
+
+    def bench(label: str, port: int, bench_args: list[str], json_out: Path) -> list[str]:
+        level = int(bench_args[bench_args.index("--concurrency") + 1])
+        calls.append(f"bench {label} c={level}")
+        report = {"label": label, "levels": [{"metrics": {"concurrency": level}, "requests": []}]}
+        json_out.write_text(json.dumps(report))
+        return []
+
+    monkeypatch.setattr(compare, "bench", bench)
+    monkeypatch.setattr("sys.argv", ["compare.py", "--concurrency", "1", "16"])
+    args = compare.parse_args()
+    sides = [("ours", ["serve"], 1), ("llama-server", ["llama-server"], 2)]
+    (ours, peer), cmds = compare.run_interleaved(sides, args, tmp_path)
+    assert calls == ["start ours", "start llama-server", "bench ours c=1", "bench llama-server c=1",
+                     "bench ours c=16", "bench llama-server c=16", "stop ours", "stop llama-server"]
+    for path, label in ((ours, "ours"), (peer, "llama-server")):
+        merged = json.loads(path.read_text())
+        assert merged["label"] == label
+        assert [lv["metrics"]["concurrency"] for lv in merged["levels"]] == [1, 16]
+    assert "--concurrency N" in " ".join(cmds[0])
+
+    calls.clear()
+    monkeypatch.setattr(compare, "bench", lambda *a: (_ for _ in ()).throw(RuntimeError("bench failed")))
+    with pytest.raises(RuntimeError):
+        compare.run_interleaved(sides, args, tmp_path)
+    assert calls == ["start ours", "start llama-server", "stop ours", "stop llama-server"]
+
+
+def test_the_section_says_how_the_servers_took_turns() -> None:
+    ours, peer = [_level(1, 50.0, 1.0, 1.0)], [_level(1, 40.0, 1.0, 1.0)]
+    both_up = compare.section(ours, peer, [], {}, smoke=False, commit="abc")
+    assert "each level loaded ours, then llama-server" in both_up
+    alone = compare.section(ours, peer, [], {}, smoke=False, commit="abc", sequential=True)
+    assert "one after the other" in alone
