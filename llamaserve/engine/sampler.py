@@ -75,8 +75,9 @@ class Sampler:
     def _modifies(seqs: list[Sequence]) -> bool:
         """Whether _process changes any logit of this batch (each condition is one of its stages)."""
         return any(
-            s.params.logit_bias or s.num_output_tokens < s.params.min_tokens or s.params.repetition_penalty != 1.0
-            or s.params.presence_penalty != 0 or s.params.frequency_penalty != 0 or s.grammar is not None
+            s.params.logit_bias or s.num_output_tokens < s.params.min_tokens
+            or s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0
+            or s.params.frequency_penalty != 0 or s.grammar is not None
             for s in seqs
         )
 

@@ -130,7 +130,8 @@ class Transformer(nn.Module):
         with torch.device("cpu"):
             inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._rope_table: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # key, cos, sin [pos, D]
+        # The RoPE table: (inv_freq it came from, its version / dtype / device, cos, sin [positions, D]).
+        self._rope_table: tuple[torch.Tensor, tuple, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -165,19 +166,20 @@ class Transformer(nn.Module):
         shape, so a position's values never depend on the order in which positions were first seen."""
         need = int(positions.max()) + 1 if positions.numel() else 0
         inv_freq = cast(torch.Tensor, self.inv_freq)
-        # Rebuilt when the frequencies change (the loader sets them after construction) or move.
-        key = (id(inv_freq), inv_freq._version, dtype, positions.device)
-        if self._rope_table is None or self._rope_table[0] != key:
+        # Rebuilt when the frequencies change (the loader sets them after construction) or move. The key
+        # holds the tensor itself, compared by identity: an id() could be reused by a later tensor.
+        key = (inv_freq._version, dtype, positions.device)
+        if self._rope_table is None or self._rope_table[0] is not inv_freq or self._rope_table[1] != key:
             empty = torch.empty(0, self.config.head_dim, dtype=dtype, device=positions.device)
-            self._rope_table = (key, empty, empty)
-        _, cos, sin = self._rope_table
+            self._rope_table = (inv_freq, key, empty, empty)
+        _, _, cos, sin = self._rope_table
         if need > cos.shape[0]:  # grown by doubling (up to the model's context), so copies add up to O(n)
             upto = max(need, min(2 * cos.shape[0], self.config.max_position_embeddings))
             chunks = [self._rope(torch.arange(start, start + ROPE_CHUNK, device=positions.device), dtype)
                       for start in range(cos.shape[0], upto, ROPE_CHUNK)]
             cos = torch.cat([cos, *(c for c, _ in chunks)])
             sin = torch.cat([sin, *(s for _, s in chunks)])
-            self._rope_table = (key, cos, sin)
+            self._rope_table = (inv_freq, key, cos, sin)
         return cos[positions], sin[positions]
 
     def forward(

@@ -23,10 +23,12 @@ def test_rope_rows_come_from_a_table_that_does_not_depend_on_the_order_positions
         assert torch.allclose(cos, ref_cos, atol=1e-6) and torch.allclose(sin, ref_sin, atol=1e-6)
     assert all(torch.equal(x, y) for x, y in zip(a._rope_lookup(late, torch.float32),
                                                   b._rope_lookup(late, torch.float32), strict=True))
-    assert a._rope_table[1].shape[0] == b._rope_table[1].shape[0] == 4 * ROPE_CHUNK  # (capped at the context)
-    a.inv_freq.mul_(2)  # e.g. the loader's rope_freqs
+    assert a._rope_table[2].shape[0] == b._rope_table[2].shape[0] == 4 * ROPE_CHUNK  # (capped at the context)
+    a.inv_freq.mul_(2)  # in place, as the loader applies rope_freqs
     cos, _ = a._rope_lookup(late, torch.float32)
     assert torch.allclose(cos, a._rope(late, torch.float32)[0], atol=1e-6)
     assert not torch.allclose(cos, b._rope_lookup(late, torch.float32)[0], atol=1e-3)
+    b.inv_freq = b.inv_freq * 2  # a new tensor, as the loader's rope_inv_freq(...).to(device)
+    assert torch.equal(b._rope_lookup(late, torch.float32)[0], cos)
     _, x_cos, _ = a.embed(torch.tensor([1, 2]), late)
     assert x_cos.shape == (2, 1, cfg.head_dim)

@@ -19,6 +19,9 @@
 #define PF_AHEAD 8  // context slots prefetched ahead
 #endif
 #define MAX_DIM 512
+#ifndef PAR_STORE
+#define PAR_STORE 4  // tokens from which a K/V store runs on all threads
+#endif
 
 int ls_kv_check(const ls_kv *kv) {
     if (!kv || kv->dtype < 0 || kv->dtype >= LS_KV_NUM_DTYPES || kv->slots < 1 || kv->heads < 2 ||
@@ -123,9 +126,6 @@ int ls_kv_store(const ls_kv *kv, const float *src, int64_t src_stride, const int
     for (int64_t t = 0; t < T; t++)
         if (slot[t] < 0 || slot[t] >= kv->slots) return LS_EINVAL;
     const int64_t D = kv->dim;
-#ifndef PAR_STORE
-#define PAR_STORE 4
-#endif
 #pragma omp parallel for schedule(static) if (T >= PAR_STORE)  // (a step's slots are distinct)
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < kv->heads; h++) {
