@@ -82,7 +82,8 @@ class Sampler:
         )
 
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        """Apply, in place, each stage that some seq in the batch uses; skip the rest."""
+        """Apply, in place, each stage that some seq in the batch uses; skip the rest. (A new stage must
+        be named in _modifies too, or sample() would hand it the caller's tensor.)"""
         rows: list[int] = []
         cols: list[int] = []
         values: list[float] = []
