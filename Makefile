@@ -41,7 +41,7 @@ lint: venv
 # Offline engine throughput, then the peer comparison against llama.cpp's llama-server (built once into
 # .bench/; NOAMX=1 also builds the no-AMX variant). COMPARE_ARGS go to compare.py; the default is the
 # run BENCHMARKS.md holds. Slow (about 25 minutes here): not part of `make test`.
-COMPARE_ARGS ?= --concurrency 1 16 64 --num-prompts 64 --max-tokens 128
+COMPARE_ARGS ?= --concurrency 1 16 64 --num-prompts 64 --max-tokens 128 --llama-server-args '-t 2 -c 16384 -np 64'
 bench: venv
 	$(BIN)/python benchmarks/engine_throughput.py
 	benchmarks/build_llama_server.sh
