@@ -67,24 +67,26 @@ class LsKV(ctypes.Structure):  # ls.h's ls_kv
 KV_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}  # ls.h's LS_KV_*
 
 
-def cpu_flags() -> set[str]:
+def _cpuinfo() -> str:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return ""
+
+
+def cpu_flags(text: str | None = None) -> set[str]:
+    """The CPU's feature flags, from /proc/cpuinfo (or its `text`, already read)."""
+    text = _cpuinfo() if text is None else text
     return set(next((ln for ln in text.splitlines() if ln.startswith("flags")), "").partition(":")[2].split())
 
 
 def cpu_description() -> str:
     """The CPU's model name and the features that decide which of our kernels are fast, for benchmark
     reports (the machines here differ: AVX2 only, or AVX-512 with VNNI)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
+    text = _cpuinfo()
     name = next((ln.partition(":")[2].strip() for ln in text.splitlines() if ln.startswith("model name")),
                 platform.machine())
-    flags = cpu_flags()
+    flags = cpu_flags(text)
     extra: list[str] = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "amx_tile") if f in flags]
     extra = extra or ["no AVX-512, no AMX"]
     return f"{name} ({', '.join(extra)})"

@@ -3,6 +3,7 @@ the int4 / int8 layers of torch's kernels (Int4Linear for GGUF Q4_0 / Q4_1, Int8
 
 from __future__ import annotations
 
+import functools
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,6 +181,15 @@ class GGUFLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+@functools.cache
+def rows_dequantizer(qtype: QT) -> Callable[[np.ndarray], np.ndarray]:
+    """gguf's reference dequantization of whole rows of one type, applied to all of them at once (its
+    dequantize() splits them into groups of 16 first, which costs more than the arithmetic for the few
+    rows of a decode step); the same arithmetic."""
+    rows_fn = getattr(getattr(gguf.quants, qtype.name, None), "dequantize_rows", None)
+    return rows_fn or (lambda rows: gguf_dequantize(rows, qtype))
+
+
 class QuantizedEmbedding(nn.Module):
     """Token embedding kept in its GGUF type; the rows a step looks up are dequantized (gguf's code).
 
@@ -194,25 +204,19 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.table: RawTensor | None = None
         self.file_map: mmap.mmap | None = None  # the map under table.data, when it is one
-        self._dequantize: Callable[[np.ndarray], np.ndarray] = lambda rows: rows
 
     def load(self, t: RawTensor) -> None:
         if (t.rows, t.cols) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(f"embedding of {t.rows} x {t.cols}, expected "
                              f"{self.num_embeddings} x {self.embedding_dim}")
         self.table, self.file_map = t, file_map(t.data)
-        # gguf's per-type reference on all the rows at once (its dequantize() splits them into groups of
-        # 16 first, which costs more than the arithmetic for the few rows of a decode step).
-        quant_type = getattr(gguf.quants, t.qtype.name, None)
-        rows_fn = getattr(quant_type, "dequantize_rows", None)
-        self._dequantize = rows_fn or (lambda rows: gguf_dequantize(rows, t.qtype))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.table is None:
             raise RuntimeError("QuantizedEmbedding used before its weights were loaded")
         rows = self.table.data[ids.reshape(-1).cpu().numpy()]  # a copy of just these rows
         drop_mapped_pages(self.file_map)  # (a no-op for a table in our memory)
-        out = torch.from_numpy(self._dequantize(rows).reshape(-1, self.embedding_dim))
+        out = torch.from_numpy(rows_dequantizer(self.table.qtype)(rows).reshape(-1, self.embedding_dim))
         return out.view(*ids.shape, self.embedding_dim).to(ids.device)
 
 

@@ -154,7 +154,8 @@ AI void GROUP_U(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
 #ifndef NO_PF_SCALES
         // K types' scale streams too (a few bytes a block, but each a stream of its own whose misses stall
         // the block as a nibble miss would): 7B-shaped one-row matmuls from DRAM, Zen 4, six alternated
-        // pairs, Q4_K 27.3 -> 30.2 GB/s and Q6_K 28.6 -> 30.7 on average.
+        // pairs, Q4_K 27.3 -> 30.2 GB/s and Q6_K 28.6 -> 30.7 on average. (The served 7B one-stream
+        // figure did not move with it: BENCHMARKS.md.)
         if (KQ) {
             const int64_t scb = SM12 ? 12 : ns * 8;
             _mm_prefetch((const char *)(sc + (b + PF) * scb), _MM_HINT_T0);
