@@ -66,17 +66,24 @@ int ls_acts_init(ls_acts *a, const float *x, int64_t M, int64_t K) {
     const int64_t blocks = M * (K / QK);
     a->M = M, a->K = K;
     a->q = malloc((size_t)(M * K));
+    a->u = LS_VNNI_WIDE ? malloc((size_t)(M * K)) : NULL;
     a->d = malloc(sizeof(float) * (size_t)blocks);
     a->s = malloc(sizeof(float) * (size_t)(2 * blocks));
-    if (!a->q || !a->d || !a->s) { ls_acts_free(a); return LS_ENOMEM; }
+    if (!a->q || (LS_VNNI_WIDE && !a->u) || !a->d || !a->s) { ls_acts_free(a); return LS_ENOMEM; }
 #pragma omp parallel for schedule(static) if (blocks >= 512)  // (a batch of 16 rows of 1,024)
-    for (int64_t b = 0; b < blocks; b++) quantize_block(x + b * QK, a->q + b * QK, a->d + b, a->s + 2 * b);
+    for (int64_t b = 0; b < blocks; b++) {
+        quantize_block(x + b * QK, a->q + b * QK, a->d + b, a->s + 2 * b);
+        if (LS_VNNI_WIDE) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(a->q + b * QK));
+            _mm256_storeu_si256((__m256i *)(a->u + b * QK), _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80)));
+        }
+    }
     return LS_OK;
 }
 
 void ls_acts_free(ls_acts *a) {
-    free(a->q); free(a->d); free(a->s);
-    a->q = NULL, a->d = a->s = NULL;
+    free(a->q); free(a->u); free(a->d); free(a->s);
+    a->q = NULL, a->u = NULL, a->d = a->s = NULL;
 }
 
 #if defined(LS_AVX512VNNI)

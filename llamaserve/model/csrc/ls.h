@@ -39,6 +39,7 @@ typedef struct {
 // Activations quantized to int8 per block of 32: scale d per block, d * sum(q) per half block.
 typedef struct {
     int8_t *q;
+    uint8_t *u;  // q + 128 (as q ^ 0x80), for VNNI's unsigned operand when the weights are signed (Q8_0)
     float *d, *s;
     int64_t M, K;
 } ls_acts;
@@ -68,10 +69,12 @@ int ls_matmul(const ls_linear *lin, const float *x, int64_t M, float *y);
 #define LS_VARIANT "avx512vnni"
 #define DPBUSD(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
 #define LS_VNNI 1
+#define LS_VNNI_WIDE 1  // DPBUSD's pair sums are exact in int32 (the emulation's saturate in int16)
 #elif defined(LS_AVXVNNI)
 #define LS_VARIANT "avxvnni"
 #define DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32((acc), (u), (s))
 #define LS_VNNI 1
+#define LS_VNNI_WIDE 1
 #elif defined(LS_VNNI_EMULATED)
 // The VNNI code path on plain AVX2, for testing it where no CPU here has VNNI: vpdpbusd is emulated with
 // vpmaddubsw + vpmaddwd, exact for our operands (a pair sums to at most 2 x 128 x 127 < 32767).
@@ -82,6 +85,9 @@ int ls_matmul(const ls_linear *lin, const float *x, int64_t M, float *y);
 #else
 #define LS_VARIANT "avx2"
 #define LS_VNNI 0
+#endif
+#ifndef LS_VNNI_WIDE
+#define LS_VNNI_WIDE 0
 #endif
 
 #define AI static inline __attribute__((always_inline))
