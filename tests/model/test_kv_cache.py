@@ -148,6 +148,21 @@ def test_native_attention_is_batch_invariant_and_decode_equals_a_prefill_row(dty
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=str)
+def test_a_batch_of_decode_rows_computes_what_each_row_computes_alone(dtype) -> None:
+    # 12 sequences of one token each: enough work items that each takes a sequence's heads whole, where a
+    # lone row is split one head per item. The bits must not depend on that split.
+    cache, tables = filled_cache(dtype, 2, blocks=40, use_native=True)
+    order = [b for t in tables for b in t] + [b for b in range(1, 40) if b not in sum(tables, [])]
+    chunks = [(order[3 * i: 3 * i + 3], 20 + 2 * i, 1) for i in range(12)]
+    q = queries(chunks, 6, 64)
+    together = cache.attend(0, q, build_metadata(chunks, 16))
+    for i, chunk in enumerate(chunks):
+        assert torch.equal(cache.attend(0, q[i:i + 1], build_metadata([chunk], 16)), together[i:i + 1])
+    assert torch.allclose(together.double(), reference(cache, q, chunks), atol=2e-2 if dtype == torch.int8 else 1e-5)
+
+
+@needs_native
 def test_native_kernels_refuse_slots_outside_the_pool() -> None:
     cache, tables = filled_cache(torch.bfloat16, 2, use_native=True)
     meta = build_metadata([(tables[0], 0, 3)], 16)
