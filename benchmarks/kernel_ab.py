@@ -1,0 +1,216 @@
+"""Two builds of our kernels in one process, alternated round by round: which is faster, and do they
+give the same bits.
+
+These machines run 20-40% slower in some stretches than in others, so two timings taken minutes apart
+(two processes, two server runs) cannot show a 10% change. Here both libraries are loaded at once and
+run the same calls on the same buffers, in turn, swapping which goes first every round; a case's figure
+is the median over rounds of B's time / A's time, and its outputs are compared bit for bit.
+
+A is the kernel sources of a git revision (--base); B those of another (--head) or, by default, the
+working tree's (the library the server would load now). Both are built for the variant this CPU gets
+and must share the C ABI. The weights are a GGUF file's own (default: the embedded model):
+
+- `layers M=m`: every linear of the first --layers layers (all by default) at m activation rows; with
+  all layers and m = 1 the weights stream from DRAM as in a decode step;
+- `head M=m`: the output projection (the token embedding where the file ties them);
+- `decode attention B=b`: a decode step's attention over one bfloat16 pool per layer, b sequences of
+  60-160 tokens in shuffled blocks, the file's head counts and head size.
+
+    .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1 [--head REV] [--gguf FILE] [--rows 1 16 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFReader
+
+from llamaserve.model import formats, native
+from llamaserve.model.kv_cache import build_metadata
+
+REPO = Path(__file__).resolve().parent.parent
+CSRC = "llamaserve/model/csrc"
+
+
+def sources_at(rev: str, dest: Path) -> list[Path]:
+    """The kernel sources of a git revision, written to dest."""
+    names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{rev}:{CSRC}"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    out = []
+    for name in names:
+        data = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{CSRC}/{name}"], capture_output=True,
+                              check=True).stdout
+        (dest / name).write_bytes(data)
+        out.append(dest / name)
+    return out
+
+
+def build_at(rev: str, variant: str, dest: Path) -> Path:
+    """A revision's kernels, compiled as native.py compiles the working tree's."""
+    sources_at(rev, dest)
+    lib = dest / f"kernels-{variant}.so"
+    cmd = ["cc", *native._BASE_FLAGS, *native.VARIANTS[variant][0], "-o", str(lib),
+           *(str(dest / s) for s in native._SOURCES)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"kernel_ab: building {rev} failed: {proc.stderr.strip()[-400:]}")
+    return lib
+
+
+def load(path: Path, variant: str) -> ctypes.CDLL:
+    """The library, refused loudly when its ABI or variant differs from this checkout's."""
+    try:
+        return native._bind(path, variant)
+    except OSError as e:
+        raise SystemExit(f"kernel_ab: {e}") from None
+
+
+@dataclass
+class Case:
+    name: str
+    run: Callable[[ctypes.CDLL], list[torch.Tensor]]  # one timed call: its outputs
+
+
+@dataclass
+class Row:
+    name: str
+    a_ms: float
+    b_ms: float
+    ratio: float  # median over rounds of B's time / A's time
+    same: bool
+
+
+def compare(a: ctypes.CDLL, b: ctypes.CDLL, cases: list[Case], rounds: int) -> list[Row]:
+    rows = []
+    for case in cases:
+        outs = {"a": case.run(a), "b": case.run(b)}  # (also a warm-up)
+        times: dict[str, list[float]] = {"a": [], "b": []}
+        for r in range(rounds):
+            for key in ("a", "b") if r % 2 == 0 else ("b", "a"):
+                start = time.perf_counter()
+                case.run(a if key == "a" else b)
+                times[key].append(time.perf_counter() - start)
+        same = all(torch.equal(x, y) for x, y in zip(outs["a"], outs["b"], strict=True))
+        ratio = statistics.median(tb / ta for ta, tb in zip(times["a"], times["b"], strict=True))
+        rows.append(Row(case.name, statistics.median(times["a"]) * 1e3, statistics.median(times["b"]) * 1e3,
+                        ratio, same))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| case | A ms (median) | B ms (median) | B / A (median of rounds) | same bits |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.a_ms:.3f} | {r.b_ms:.3f} | {r.ratio:.3f} | {'yes' if r.same else '**no**'} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def _weight(reader_tensor) -> native.NativeWeight:  # noqa: ANN001
+    qtype = QT(int(reader_tensor.tensor_type))
+    n, k = (int(d) for d in reversed(reader_tensor.shape.tolist()))
+    raw = np.asarray(reader_tensor.data).reshape(n, -1)
+    return native.NativeWeight(k, [(qtype, formats.pack(qtype, formats.unpack(qtype, raw, n, k)))])
+
+
+def matmul_case(name: str, weights: list[native.NativeWeight], m: int) -> Case:
+    xs = {w.k: torch.randn(m, w.k, generator=torch.Generator().manual_seed(w.k)) for w in weights}
+    ys = [torch.empty(m, w.n) for w in weights]
+
+    def run(lib: ctypes.CDLL) -> list[torch.Tensor]:
+        for w, y in zip(weights, ys, strict=True):
+            if lib.ls_matmul(w.address, xs[w.k].data_ptr(), m, y.data_ptr()):
+                raise SystemExit(f"kernel_ab: {name}: ls_matmul refused its arguments")
+        return [y.clone() for y in ys]
+
+    return Case(name, run)
+
+
+def attention_case(batch: int, layers: int, heads: int, kv_heads: int, dim: int) -> Case:
+    bs, per_seq = 16, 12  # blocks per sequence: room for 160 tokens
+    blocks = batch * per_seq + 1
+    g = torch.Generator().manual_seed(0)
+    shape = (blocks * bs, 2 * kv_heads, dim)
+    pools = [native.NativeKV((torch.randn(shape, generator=g) * 3).to(torch.bfloat16), None)
+             for _ in range(layers)]
+    order = list(range(1, blocks))
+    random.Random(0).shuffle(order)
+    chunks = [(order[i * per_seq:(i + 1) * per_seq], 60 + (i * 7) % 100, 1) for i in range(batch)]
+    meta = build_metadata(chunks, bs)
+    q = torch.randn(batch, heads, dim, generator=g)
+    ql, slots, lens = (t.to(torch.int64).contiguous() for t in (meta.q_lens, meta.ctx_slots, meta.ctx_lens))
+    out = torch.empty(batch, heads * dim)
+
+    def run(lib: ctypes.CDLL) -> list[torch.Tensor]:
+        for p in pools:
+            rc = lib.ls_attention(p.address, q.data_ptr(), heads * dim, heads, batch, ql.data_ptr(),
+                                  slots.data_ptr(), slots.shape[1], lens.data_ptr(), out.data_ptr(),
+                                  heads * dim)
+            if rc:
+                raise SystemExit("kernel_ab: ls_attention refused its arguments")
+        return [out.clone()]
+
+    return Case(f"decode attention B={batch}", run)
+
+
+def cases_from(path: Path, rows: list[int], batches: list[int], max_layers: int | None) -> list[Case]:
+    reader = GGUFReader(path)
+    fields = {f.name: f.parts[f.data[0]].tolist()[0] for f in reader.fields.values() if f.data}
+    tensors = {t.name: t for t in reader.tensors}
+    n_layers = int(fields["llama.block_count"]) if max_layers is None else max_layers
+    linears = [_weight(t) for name, t in tensors.items()
+               if name.startswith("blk.") and int(name.split(".")[1]) < n_layers and len(t.shape) == 2
+               and QT(int(t.tensor_type)) in formats.FORMATS]  # (our kernels' types)
+    head = _weight(tensors.get("output.weight", tensors["token_embd.weight"]))
+    heads, kv_heads = int(fields["llama.attention.head_count"]), int(fields["llama.attention.head_count_kv"])
+    dim = int(fields["llama.embedding_length"]) // heads
+    cases = [matmul_case(f"layers M={m}", linears, m) for m in rows]
+    cases += [matmul_case(f"head M={m}", [head], m) for m in rows]
+    cases += [attention_case(b, n_layers, heads, kv_heads, dim) for b in batches]
+    return cases
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="git revision of A's kernel sources")
+    ap.add_argument("--head", help="git revision of B's (default: the working tree)")
+    ap.add_argument("--gguf", type=Path, help="weights (default: the embedded model)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64], help="activation rows of the matmuls")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64], help="sequences of the attention")
+    ap.add_argument("--layers", type=int, help="layers to take (default: all)")
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    variant = native.kernels().variant
+    if variant is None:
+        raise SystemExit(f"kernel_ab: no native kernels here: {native.kernels().reason}")
+    if args.gguf is None:
+        from llamaserve.loader.registry import resolve_model  # (the embedded file)
+
+        args.gguf = Path(resolve_model(None))
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = Path(tmp, "a"), Path(tmp, "b")
+        for d in dirs:
+            d.mkdir()
+        a = load(build_at(args.base, variant, dirs[0]), variant)
+        b = load(build_at(args.head, variant, dirs[1]) if args.head else native._build(variant), variant)
+        torch.manual_seed(0)
+        rows = compare(a, b, cases_from(args.gguf, args.rows, args.batch, args.layers), args.rounds)
+    print(f"A: {args.base}; B: {args.head or 'the working tree'}; kernels {variant}, "
+          f"{native.cpu_description()}, {torch.get_num_threads()} threads; weights {args.gguf.name}; "
+          f"{args.rounds} rounds\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
