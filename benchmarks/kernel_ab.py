@@ -12,9 +12,13 @@ and must share the C ABI. The weights are a GGUF file's own (default: the embedd
 
 - `layers M=m`: every linear of the first --layers layers (all by default) at m activation rows; with
   all layers and m = 1 the weights stream from DRAM as in a decode step;
-- `head M=m`: the output projection (the token embedding where the file ties them);
+- `head M=m`: the output projection (the token embedding where the file ties them); alone, a small
+  model's head may stay in the L3 cache from one round to the next;
+- `layers + head M=m`: both, in a decode step's order (the head read after the layers, as served);
 - `decode attention B=b`: a decode step's attention over one bfloat16 pool per layer, b sequences of
-  60-160 tokens in shuffled blocks, the file's head counts and head size.
+  60-160 tokens in shuffled blocks, the file's head counts and head size;
+- `decode step B=b`: a whole fused decode step (all layers in one call, the head not included) of the
+  model as the engine loads it, b sequences as above (not with --layers).
 
     .venv/bin/python benchmarks/kernel_ab.py --base HEAD~1 [--head REV] [--gguf FILE] [--rows 1 16 64]
 """
@@ -164,6 +168,48 @@ def attention_case(batch: int, layers: int, heads: int, kv_heads: int, dim: int)
     return Case(f"decode attention B={batch}", run)
 
 
+def decode_case(path: Path, batch: int) -> Case:
+    """A whole fused decode step (every layer, one call), as the engine runs it: the model loaded by the
+    engine, `batch` sequences of 60-160 tokens in shuffled blocks of its KV pool."""
+    from llamaserve.config import EngineConfig
+    from llamaserve.engine.llm_engine import LLMEngine
+
+    runner = LLMEngine.from_model(str(path), EngineConfig()).runner
+    if runner.fused is None:
+        raise SystemExit(f"kernel_ab: {path.name} does not run fused on this machine")
+    bs, per_seq = runner.config.block_size, -(-160 // runner.config.block_size)
+    order = list(range(1, runner.cache.num_slots // bs))
+    if len(order) < batch * per_seq:
+        raise SystemExit(f"kernel_ab: the KV pool holds too few blocks for {batch} sequences")
+    random.Random(0).shuffle(order)
+    chunks = [(order[i * per_seq:(i + 1) * per_seq], 59 + (i * 7) % 100, 1) for i in range(batch)]
+    meta = build_metadata(chunks, bs)
+    used = torch.tensor([b * bs + i for table, _, _ in chunks for b in table for i in range(bs)])
+    g = torch.Generator().manual_seed(1)
+    for pool in runner.cache.kv:  # (a fresh pool holds whatever its pages held)
+        pool[used] = torch.randn(len(used), *pool.shape[1:], generator=g).to(pool.dtype)
+    fused, model = runner.fused, runner.model
+    ids = torch.randint(0, model.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(0))
+    x0, cos, sin = model.embed(ids, meta.ctx_lens - 1)
+    layers, dim, heads, kv_heads, head_dim, inter = fused.shape
+    cos, sin = cos.reshape(batch, head_dim).contiguous(), sin.reshape(batch, head_dim).contiguous()
+    slots, ctx, lens = (t.to(torch.int64).contiguous()
+                        for t in (meta.slot_mapping, meta.ctx_slots, meta.ctx_lens))
+    cfg = torch.tensor([layers, batch, dim, heads, kv_heads, head_dim, inter, ctx.shape[1], fused.final_norm])
+    table = fused._pointers(runner.cache.native)
+
+    def run(lib: ctypes.CDLL) -> list[torch.Tensor]:
+        x = x0.contiguous().clone()
+        # (runner.cache holds the pools, runner.model the weights: both must outlive this call)
+        if runner.cache.native is None or lib.ls_decode_layers(
+                cfg.data_ptr(), ctypes.c_float(fused.eps), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                slots.data_ptr(), ctx.data_ptr(), lens.data_ptr(), table.data_ptr()):
+            raise SystemExit("kernel_ab: ls_decode_layers refused its arguments")
+        return [x]
+
+    return Case(f"decode step B={batch}", run)
+
+
 def cases_from(path: Path, rows: list[int], batches: list[int], max_layers: int | None) -> list[Case]:
     reader = GGUFReader(path)
     fields = {f.name: f.parts[f.data[0]].tolist()[0] for f in reader.fields.values() if f.data}
@@ -177,7 +223,10 @@ def cases_from(path: Path, rows: list[int], batches: list[int], max_layers: int 
     dim = int(fields["llama.embedding_length"]) // heads
     cases = [matmul_case(f"layers M={m}", linears, m) for m in rows]
     cases += [matmul_case(f"head M={m}", [head], m) for m in rows]
+    cases += [matmul_case(f"layers + head M={m}", [*linears, head], m) for m in rows]  # (a step's order)
     cases += [attention_case(b, n_layers, heads, kv_heads, dim) for b in batches]
+    if max_layers is None:
+        cases += [decode_case(path, b) for b in batches]
     return cases
 
 

@@ -46,7 +46,8 @@ def test_compare_alternates_and_says_when_the_bits_differ() -> None:
 @needs_native
 def test_the_embedded_models_cases_run_the_same_bits_through_one_library() -> None:
     cases = kab.cases_from(Path(resolve_model(None)), rows=[1, 5], batches=[3], max_layers=1)
-    names = ["layers M=1", "layers M=5", "head M=1", "head M=5", "decode attention B=3"]
+    names = ["layers M=1", "layers M=5", "head M=1", "head M=5", "layers + head M=1", "layers + head M=5",
+             "decode attention B=3"]
     assert [c.name for c in cases] == names
     lib = native.kernels().lib
     rows = kab.compare(lib, lib, cases, rounds=2)
@@ -59,3 +60,14 @@ def test_a_library_of_another_variant_is_refused() -> None:
     other = "avx2" if variant != "avx2" else "avx512vnni"
     with pytest.raises(SystemExit, match="variant"):
         kab.load(native._build(variant), other)
+
+
+@needs_native
+def test_the_decode_step_case_runs_the_engines_fused_call() -> None:
+    case = kab.decode_case(Path(resolve_model(None)), batch=2)
+    assert case.name == "decode step B=2"
+    lib = native.kernels().lib
+    first, again = case.run(lib), case.run(lib)
+    assert first[0].shape[0] == 2 and torch.isfinite(first[0]).all()
+    assert torch.equal(first[0], again[0])  # each run starts from the same input
+    assert kab.compare(lib, lib, [case], rounds=1)[0].same
