@@ -149,12 +149,14 @@ def test_native_attention_is_batch_invariant_and_decode_equals_a_prefill_row(dty
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8], ids=str)
-def test_a_batch_of_decode_rows_computes_what_each_row_computes_alone(dtype) -> None:
-    # 12 sequences of one token each: enough work items that each takes a sequence's heads whole, where a
-    # lone row is split one head per item. The bits must not depend on that split.
+@pytest.mark.parametrize("batch", [2, 12])
+def test_a_batch_of_decode_rows_computes_what_each_row_computes_alone(dtype, batch) -> None:
+    # One token per sequence. A lone row is split one head per work item; 2 sequences take 2 heads an
+    # item (the 3 heads of a KV head split 2 + 1); 12 take a sequence's 6 heads whole (two KV heads, 3
+    # heads sharing each converted key and value). The bits must not depend on the split.
     cache, tables = filled_cache(dtype, 2, blocks=40, use_native=True)
     order = [b for t in tables for b in t] + [b for b in range(1, 40) if b not in sum(tables, [])]
-    chunks = [(order[3 * i: 3 * i + 3], 20 + 2 * i, 1) for i in range(12)]
+    chunks = [(order[3 * i: 3 * i + 3], 20 + 2 * i, 1) for i in range(batch)]
     q = queries(chunks, 6, 64)
     together = cache.attend(0, q, build_metadata(chunks, 16))
     for i, chunk in enumerate(chunks):
