@@ -196,8 +196,8 @@ int ls_kv_store(const ls_kv *kv, const float *src, int64_t src_stride, const int
 // out[c0 .. c0 + 8 NC) = sum over columns t < n, in order, of w[t] x value row t of KV head vh (NC a
 // constant at each call, so that the NC accumulators stay in registers).
 // (for NQ heads of one KV head at once, each value converted once for all: out[h] from w[h])
-AI void wsum_cols(const int64_t dt, const ls_kv *kv, const int64_t *slots, int64_t vh, const float *const *w,
-                  const int NQ, int64_t n, int64_t c0, const int NC, float *const *out) {
+AI void wsum_cols(const int64_t dt, const ls_kv *kv, const int64_t *slots, int64_t vh,
+                  const float *const *w, const int NQ, int64_t n, int64_t c0, const int NC, float *const *out) {
     __m256 a[GQ][8];
     for (int h = 0; h < NQ; h++)
         for (int c = 0; c < NC; c++) a[h][c] = _mm256_setzero_ps();
@@ -233,7 +233,8 @@ AI void attend_block_t(const int64_t dt, const ls_kv *kv, const float *q0, int64
 #define OP(hh, i) (local + ((hcap + (hh)) * qt + (i)) * D)
 #define SC(hh, i) (sc + ((int64_t)(hh) * qt + (i)) * L)
     for (int hh = 0; hh < nh; hh++)
-        for (int i = 0; i < nq; i++) memcpy(QP(hh, i), q0 + i * q_stride + (h0 + hh) * D, sizeof(float) * (size_t)D);
+        for (int i = 0; i < nq; i++)
+            memcpy(QP(hh, i), q0 + i * q_stride + (h0 + hh) * D, sizeof(float) * (size_t)D);
     int64_t t0 = 0;
     if (nq == 1)  // decode: 8 keys at a time per head (the same arithmetic per key as dot1)
         for (; t0 + 8 <= nmax; t0 += 8) {
@@ -388,7 +389,8 @@ int ls_attention(const ls_kv *kv, const float *q, int64_t q_stride, int64_t H, i
     // Work items: (sequence, head chunk, tile of QTILE rows), sequence-major; enough of them to keep every
     // thread busy (the chunking never changes a result, only the loop order across heads).
     const int threads = omp_get_max_threads();
-    int64_t tiles_total = 0, decode = 1;
+    int64_t tiles_total = 0;
+    int decode = 1;  // every sequence brings one token
     for (int64_t b = 0; b < B; b++) {
         tiles_total += (q_lens[b] + QTILE - 1) / QTILE;
         decode &= q_lens[b] == 1;

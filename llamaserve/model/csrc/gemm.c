@@ -62,18 +62,20 @@ static inline void quantize_block(const float *x, int8_t *q, float *d, float *s)
     *d = scale;
 }
 
-int ls_acts_init(ls_acts *a, const float *x, int64_t M, int64_t K) {
+// with_u: also the unsigned copy (only Q8_0's VNNI kernels read it).
+int ls_acts_init(ls_acts *a, const float *x, int64_t M, int64_t K, int with_u) {
     const int64_t blocks = M * (K / QK);
+    with_u = with_u && LS_VNNI_WIDE;
     a->M = M, a->K = K;
     a->q = malloc((size_t)(M * K));
-    a->u = LS_VNNI_WIDE ? malloc((size_t)(M * K)) : NULL;
+    a->u = with_u ? malloc((size_t)(M * K)) : NULL;
     a->d = malloc(sizeof(float) * (size_t)blocks);
     a->s = malloc(sizeof(float) * (size_t)(2 * blocks));
-    if (!a->q || (LS_VNNI_WIDE && !a->u) || !a->d || !a->s) { ls_acts_free(a); return LS_ENOMEM; }
+    if (!a->q || (with_u && !a->u) || !a->d || !a->s) { ls_acts_free(a); return LS_ENOMEM; }
 #pragma omp parallel for schedule(static) if (blocks >= 512)  // (a batch of 16 rows of 1,024)
     for (int64_t b = 0; b < blocks; b++) {
         quantize_block(x + b * QK, a->q + b * QK, a->d + b, a->s + 2 * b);
-        if (LS_VNNI_WIDE) {
+        if (with_u) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(a->q + b * QK));
             _mm256_storeu_si256((__m256i *)(a->u + b * QK), _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80)));
         }
@@ -234,8 +236,10 @@ int ls_linear_apply(const ls_linear *lin, const ls_acts *a, float *y) {
 int ls_matmul(const ls_linear *lin, const float *x, int64_t M, float *y) {
     int rc = ls_linear_check(lin);
     if (rc) return rc;
+    int q8 = 0;
+    for (int64_t i = 0; i < lin->nparts; i++) q8 |= lin->part[i].fmt == LS_Q8_0;
     ls_acts a;
-    if ((rc = ls_acts_init(&a, x, M, lin->k))) return rc;
+    if ((rc = ls_acts_init(&a, x, M, lin->k, q8))) return rc;
     rc = ls_linear_apply(lin, &a, y);
     ls_acts_free(&a);
     return rc;

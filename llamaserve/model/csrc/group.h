@@ -87,8 +87,8 @@
 
 // Integer dot of chunks [c0, c1) of unsigned weights with activations a: VW rows' int32 sums. With VNNI,
 // even and odd chunks go to two sums added at the end (the same integers): one chain of vpdpbusd, each
-// waiting ~5 cycles for the last, held 4 activation rows to about one vpdpbusd a cycle (embedded Q4_1
-// layers at M = 64, Zen 4, alternated runs: 1.30 -> 0.99 ms at best, offline batch-64 decode +18%). Without
+// waiting ~5 cycles for the last, held 4 activation rows to about one vpdpbusd a cycle (the embedded
+// model's Q4_1 layers at M = 64, Zen 4, benchmarks/kernel_ab.py: 0.90-0.92x the time). Without
 // VNNI, vpmaddubsw's int16 pairs are widened often enough not to overflow: per lane a chunk adds at most
 // 2 x 127 x (2^bits - 1), i.e. 3810 (4-bit), 7874 (5-bit), 16002 (6-bit), under 32767 for 8, 4, 2 chunks.
 AI VI CAT(dot_u, VW)(const VI *wv, const int8_t *a, int c0, int c1, const int HI) {
@@ -288,8 +288,8 @@ AI void GROUP_Q8(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int 
         // The activations biased to unsigned (x + 128) times the signed weights, less 128 x the sum of
         // each row's weights: sum(x w) exactly, in one vpdpbusd per row and chunk (the sign trick below
         // takes three instructions). Even and odd chunks in two chains: a vpdpbusd waits ~5 cycles for the
-        // previous one into the same sum. Head of the embedded model at M = 64 (Q8_0 49152 x 576, Zen 4):
-        // 10.1-10.3 -> 7.8-8.2 ms.
+        // previous one into the same sum. Head of the embedded model (Q8_0 49152 x 576), Zen 4,
+        // benchmarks/kernel_ab.py: 0.87-0.89x the time at M = 64, 0.93x at M = 16.
         const uint8_t *au = a->u + m0 * K + b * QK;
         VI wsum[2] = {IZERO, IZERO}, s2[MTILE];
         for (int j = 0; j < MT; j++) s2[j] = IZERO;

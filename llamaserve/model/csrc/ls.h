@@ -39,7 +39,8 @@ typedef struct {
 // Activations quantized to int8 per block of 32: scale d per block, d * sum(q) per half block.
 typedef struct {
     int8_t *q;
-    uint8_t *u;  // q + 128 (as q ^ 0x80), for VNNI's unsigned operand when the weights are signed (Q8_0)
+    uint8_t *u;  // q + 128 (as q ^ 0x80), for VNNI's unsigned operand when the weights are signed
+                 // (Q8_0); NULL where no part needs it
     float *d, *s;
     int64_t M, K;
 } ls_acts;
@@ -59,7 +60,7 @@ int ls_attention(const ls_kv *kv, const float *q, int64_t q_stride, int64_t H, i
                  const int64_t *q_lens, const int64_t *ctx_slots, int64_t L, const int64_t *ctx_lens,
                  float *out, int64_t out_stride);
 
-int ls_acts_init(ls_acts *a, const float *x, int64_t M, int64_t K);
+int ls_acts_init(ls_acts *a, const float *x, int64_t M, int64_t K, int with_u);
 void ls_acts_free(ls_acts *a);
 int ls_linear_check(const ls_linear *lin);
 int ls_linear_apply(const ls_linear *lin, const ls_acts *a, float *y);
