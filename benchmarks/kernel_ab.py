@@ -50,19 +50,22 @@ CSRC = "llamaserve/model/csrc"
 
 def sources_at(rev: str, dest: Path) -> list[Path]:
     """The kernel sources of a git revision, written to dest."""
-    names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{rev}:{CSRC}"],
-                           capture_output=True, text=True, check=True).stdout.split()
+    def git(*args: str) -> bytes:
+        proc = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True)
+        if proc.returncode:
+            raise SystemExit(f"kernel_ab: no kernel sources at {rev!r}: {proc.stderr.decode().strip()}")
+        return proc.stdout
+
     out = []
-    for name in names:
-        data = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{CSRC}/{name}"], capture_output=True,
-                              check=True).stdout
-        (dest / name).write_bytes(data)
+    for name in git("ls-tree", "--name-only", f"{rev}:{CSRC}").decode().split():
+        (dest / name).write_bytes(git("show", f"{rev}:{CSRC}/{name}"))
         out.append(dest / name)
     return out
 
 
 def build_at(rev: str, variant: str, dest: Path) -> Path:
-    """A revision's kernels, compiled as native.py compiles the working tree's."""
+    """A revision's kernels, compiled with native.py's flags by `cc` (the working tree's build, which
+    honours $CC as the server's does, can so differ by a wrapper's -D flags alone)."""
     sources_at(rev, dest)
     lib = dest / f"kernels-{variant}.so"
     cmd = ["cc", *native._BASE_FLAGS, *native.VARIANTS[variant][0], "-o", str(lib),
@@ -218,12 +221,14 @@ def cases_from(path: Path, rows: list[int], batches: list[int], max_layers: int 
     linears = [_weight(t) for name, t in tensors.items()
                if name.startswith("blk.") and int(name.split(".")[1]) < n_layers and len(t.shape) == 2
                and QT(int(t.tensor_type)) in formats.FORMATS]  # (our kernels' types)
-    head = _weight(tensors.get("output.weight", tensors["token_embd.weight"]))
+    head_t = tensors.get("output.weight", tensors["token_embd.weight"])
+    head = [_weight(head_t)] if QT(int(head_t.tensor_type)) in formats.FORMATS else []  # (else: dense)
     heads, kv_heads = int(fields["llama.attention.head_count"]), int(fields["llama.attention.head_count_kv"])
     dim = int(fields["llama.embedding_length"]) // heads
     cases = [matmul_case(f"layers M={m}", linears, m) for m in rows]
-    cases += [matmul_case(f"head M={m}", [head], m) for m in rows]
-    cases += [matmul_case(f"layers + head M={m}", [*linears, head], m) for m in rows]  # (a step's order)
+    if head:
+        cases += [matmul_case(f"head M={m}", head, m) for m in rows]
+        cases += [matmul_case(f"layers + head M={m}", [*linears, *head], m) for m in rows]  # (a step's order)
     cases += [attention_case(b, n_layers, heads, kv_heads, dim) for b in batches]
     if max_layers is None:
         cases += [decode_case(path, b) for b in batches]

@@ -26,6 +26,11 @@ def test_sources_at_writes_the_revisions_kernel_files(tmp_path: Path) -> None:
         assert p.read_bytes() == committed
 
 
+def test_a_revision_without_kernel_sources_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="no kernel sources at 'no-such-rev'"):
+        kab.sources_at("no-such-rev", tmp_path)
+
+
 def test_compare_alternates_and_says_when_the_bits_differ() -> None:
     calls: list[str] = []
 

@@ -93,25 +93,15 @@
 // 2 x 127 x (2^bits - 1), i.e. 3810 (4-bit), 7874 (5-bit), 16002 (6-bit), under 32767 for 8, 4, 2 chunks.
 AI VI CAT(dot_u, VW)(const VI *wv, const int8_t *a, int c0, int c1, const int HI) {
     VI s = IZERO;
-#if VW == 16
+#if VW == 16 || LS_VNNI
     (void)HI;
     VI s1 = IZERO;
     int c = c0;
     for (; c + 1 < c1; c += 2) {
-        s = _mm512_dpbusd_epi32(s, wv[c], BC4(a + 4 * c));
-        s1 = _mm512_dpbusd_epi32(s1, wv[c + 1], BC4(a + 4 * c + 4));
+        s = DPB(s, wv[c], BC4(a + 4 * c));
+        s1 = DPB(s1, wv[c + 1], BC4(a + 4 * c + 4));
     }
-    if (c < c1) s = _mm512_dpbusd_epi32(s, wv[c], BC4(a + 4 * c));
-    s = ADD32(s, s1);
-#elif LS_VNNI
-    (void)HI;
-    VI s1 = IZERO;
-    int c = c0;
-    for (; c + 1 < c1; c += 2) {
-        s = DPBUSD(s, wv[c], bcast4(a + 4 * c));
-        s1 = DPBUSD(s1, wv[c + 1], bcast4(a + 4 * c + 4));
-    }
-    if (c < c1) s = DPBUSD(s, wv[c], bcast4(a + 4 * c));
+    if (c < c1) s = DPB(s, wv[c], BC4(a + 4 * c));
     s = ADD32(s, s1);
 #else
     const int W = HI == 0 ? 8 : HI == 1 ? 4 : 2;
