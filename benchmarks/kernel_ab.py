@@ -16,7 +16,7 @@ and must share the C ABI. The weights are a GGUF file's own (default: the embedd
   model's head may stay in the L3 cache from one round to the next;
 - `layers + head M=m`: both, in a decode step's order (the head read after the layers, as served);
 - `decode attention B=b`: a decode step's attention over one bfloat16 pool per layer, b sequences of
-  60-160 tokens in shuffled blocks, the file's head counts and head size;
+  60-159 tokens in shuffled blocks, the file's head counts and head size;
 - `decode step B=b`: a whole fused decode step (all layers in one call, the head not included) of the
   model as the engine loads it, b sequences as above (not with --layers).
 
@@ -144,17 +144,25 @@ def matmul_case(name: str, weights: list[native.NativeWeight], m: int) -> Case:
     return Case(name, run)
 
 
+def contexts(batch: int, bs: int, blocks: int) -> list[tuple[list[int], int, int]]:
+    """A decode step's chunks: `batch` sequences of 60-159 tokens (the last one new) in shuffled blocks
+    of a pool of `blocks` (block 0 left out: it pads context rows)."""
+    per_seq = -(-160 // bs)
+    order = list(range(1, blocks))
+    if len(order) < batch * per_seq:
+        raise SystemExit(f"kernel_ab: a pool of {blocks} blocks holds too few for {batch} sequences")
+    random.Random(0).shuffle(order)
+    return [(order[i * per_seq:(i + 1) * per_seq], 59 + (i * 7) % 100, 1) for i in range(batch)]
+
+
 def attention_case(batch: int, layers: int, heads: int, kv_heads: int, dim: int) -> Case:
-    bs, per_seq = 16, 12  # blocks per sequence: room for 160 tokens
-    blocks = batch * per_seq + 1
+    bs = 16
+    blocks = batch * -(-160 // bs) + 1
     g = torch.Generator().manual_seed(0)
     shape = (blocks * bs, 2 * kv_heads, dim)
     pools = [native.NativeKV((torch.randn(shape, generator=g) * 3).to(torch.bfloat16), None)
              for _ in range(layers)]
-    order = list(range(1, blocks))
-    random.Random(0).shuffle(order)
-    chunks = [(order[i * per_seq:(i + 1) * per_seq], 60 + (i * 7) % 100, 1) for i in range(batch)]
-    meta = build_metadata(chunks, bs)
+    meta = build_metadata(contexts(batch, bs, blocks), bs)
     q = torch.randn(batch, heads, dim, generator=g)
     ql, slots, lens = (t.to(torch.int64).contiguous() for t in (meta.q_lens, meta.ctx_slots, meta.ctx_lens))
     out = torch.empty(batch, heads * dim)
@@ -173,19 +181,15 @@ def attention_case(batch: int, layers: int, heads: int, kv_heads: int, dim: int)
 
 def decode_case(path: Path, batch: int) -> Case:
     """A whole fused decode step (every layer, one call), as the engine runs it: the model loaded by the
-    engine, `batch` sequences of 60-160 tokens in shuffled blocks of its KV pool."""
+    engine, `batch` sequences of 60-159 tokens in shuffled blocks of its KV pool."""
     from llamaserve.config import EngineConfig
     from llamaserve.engine.llm_engine import LLMEngine
 
     runner = LLMEngine.from_model(str(path), EngineConfig()).runner
     if runner.fused is None:
         raise SystemExit(f"kernel_ab: {path.name} does not run fused on this machine")
-    bs, per_seq = runner.config.block_size, -(-160 // runner.config.block_size)
-    order = list(range(1, runner.cache.num_slots // bs))
-    if len(order) < batch * per_seq:
-        raise SystemExit(f"kernel_ab: the KV pool holds too few blocks for {batch} sequences")
-    random.Random(0).shuffle(order)
-    chunks = [(order[i * per_seq:(i + 1) * per_seq], 59 + (i * 7) % 100, 1) for i in range(batch)]
+    bs = runner.config.block_size
+    chunks = contexts(batch, bs, runner.cache.num_slots // bs)
     meta = build_metadata(chunks, bs)
     used = torch.tensor([b * bs + i for table, _, _ in chunks for b in table for i in range(bs)])
     g = torch.Generator().manual_seed(1)
@@ -214,10 +218,20 @@ def decode_case(path: Path, batch: int) -> Case:
 
 
 def cases_from(path: Path, rows: list[int], batches: list[int], max_layers: int | None) -> list[Case]:
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"kernel_ab: {path}: not a readable GGUF file ({e})") from None
     fields = {f.name: f.parts[f.data[0]].tolist()[0] for f in reader.fields.values() if f.data}
     tensors = {t.name: t for t in reader.tensors}
-    n_layers = int(fields["llama.block_count"]) if max_layers is None else max_layers
+    need = ("llama.block_count", "llama.attention.head_count", "llama.attention.head_count_kv",
+            "llama.embedding_length")
+    if any(k not in fields for k in need) or "token_embd.weight" not in tensors:
+        raise SystemExit(f"kernel_ab: {path.name} is not a llama GGUF file (no {', '.join(need)})")
+    count = int(fields["llama.block_count"])
+    if max_layers is not None and not 1 <= max_layers <= count:
+        raise SystemExit(f"kernel_ab: --layers must be 1..{count} for {path.name}, got {max_layers}")
+    n_layers = count if max_layers is None else max_layers
     linears = [_weight(t) for name, t in tensors.items()
                if name.startswith("blk.") and int(name.split(".")[1]) < n_layers and len(t.shape) == 2
                and QT(int(t.tensor_type)) in formats.FORMATS]  # (our kernels' types)
@@ -245,6 +259,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, help="layers to take (default: all)")
     ap.add_argument("--rounds", type=int, default=15)
     args = ap.parse_args()
+    if min(args.rows) < 1 or min(args.batch) < 1 or args.rounds < 1:
+        ap.error("--rows, --batch and --rounds take positive numbers")
     variant = native.kernels().variant
     if variant is None:
         raise SystemExit(f"kernel_ab: no native kernels here: {native.kernels().reason}")

@@ -31,6 +31,24 @@ def test_a_revision_without_kernel_sources_is_a_one_line_error(tmp_path: Path) -
         kab.sources_at("no-such-rev", tmp_path)
 
 
+def test_a_file_that_is_not_a_llama_gguf_or_too_few_layers_is_a_one_line_error(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(SystemExit, match="not a readable GGUF file"):
+        kab.cases_from(junk, rows=[1], batches=[1], max_layers=1)
+    with pytest.raises(SystemExit, match="--layers must be 1..30"):
+        kab.cases_from(Path(resolve_model(None)), rows=[1], batches=[1], max_layers=31)
+
+
+def test_contexts_are_60_to_159_tokens_in_distinct_blocks_and_a_small_pool_is_refused() -> None:
+    chunks = kab.contexts(12, 16, 12 * 10 + 1)
+    assert all(59 <= done <= 158 and n == 1 for _, done, n in chunks)
+    blocks = [b for table, _, _ in chunks for b in table]
+    assert len(blocks) == len(set(blocks)) == 120 and 0 not in blocks
+    with pytest.raises(SystemExit, match="too few for 12 sequences"):
+        kab.contexts(12, 16, 100)
+
+
 def test_compare_alternates_and_says_when_the_bits_differ() -> None:
     calls: list[str] = []
 
