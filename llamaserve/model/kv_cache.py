@@ -195,3 +195,26 @@ def build_metadata(
         ctx_lens=put(ctx_lens),
         q_lens=put(q_lens),
     )
+
+
+def decode_metadata(tables: list[list[int]], done: list[int], block_size: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's (slot_mapping [B], ctx_slots [B, L], ctx_lens [B]) for the fused path: each
+    sequence brings one token at position done[b]. The same values as build_metadata's for those chunks,
+    without the mask and query rows no fused step reads (0.12 ms a step of Python at one sequence)."""
+    B = len(tables)
+    lens = np.array(done, dtype=np.int64) + 1  # [B]
+    L = -(-int(lens.max()) // CTX_ALIGN) * CTX_ALIGN
+    width = max(len(t) for t in tables)
+    if B == 1:
+        table = np.array(tables[0], dtype=np.int64)[None, :]  # [1, W]
+    else:
+        table = np.zeros((B, width), dtype=np.int64)  # [B, W]
+        for b, t in enumerate(tables):
+            table[b, : len(t)] = t
+    cols = np.arange(L)
+    slots = table[:, np.minimum(cols // block_size, width - 1)] * block_size + cols % block_size  # [B, L]
+    ctx_slots = np.where(cols[None, :] < lens[:, None], slots, 0)
+    slot_mapping = ctx_slots[np.arange(B), lens - 1]
+    return torch.from_numpy(slot_mapping), torch.from_numpy(ctx_slots), torch.from_numpy(lens)
+

@@ -62,11 +62,15 @@ def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts, 
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     alone = [engine.generate([p], params)[0][0] for p in prompts]
     runner, forwards, calls = engine.runner, [], []  # forwards per step; each forward's chunk sizes
-    inner, outer = runner._execute, runner.execute
+    inner, inner_fused, outer = runner._execute, runner._decode_fused, runner.execute
 
     def forward(items, fused=True):
         calls.append((fused, [i.num_new_tokens for i in items]))
         return inner(items, fused=fused)
+
+    def forward_fused(items):
+        calls.append((True, [i.num_new_tokens for i in items]))
+        return inner_fused(items)
 
     def execute(sched):
         before = len(calls)
@@ -74,7 +78,7 @@ def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts, 
         forwards.append(len(calls) - before)
         return out
 
-    runner._execute, runner.execute = forward, execute
+    runner._execute, runner._decode_fused, runner.execute = forward, forward_fused, execute
     tokens: dict[str, list[int]] = {}
     engine.add_request("r0", prompts[0], params)
     for step in range(40):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llamaserve.engine.sampler import Sampler, _draw
+from llamaserve.engine.sampler import Sampler, _argmax, _draw
 from llamaserve.engine.sampling_params import SamplingParams
 from llamaserve.engine.sequence import Sequence
 
@@ -56,6 +56,21 @@ def test_stages_that_modify_logits_work_on_a_copy_of_float32_input(params) -> No
             make_seq(2, temperature=0.7, top_p=0.9)]
     Sampler(VOCAB, [EOS], seed=0).sample(logits, seqs)
     assert torch.equal(logits, before)
+
+
+def test_the_cpu_argmax_picks_what_torchs_picks_ties_nan_and_inf_included() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (40, 300), generator=g).float()  # many ties: the first maximum must win
+    x[5] = float("-inf")
+    x[6, 17], x[6, 250] = float("nan"), float("nan")  # NaN counts as the maximum, its first one
+    x[7, 0] = float("inf")
+    x[8, 299] = float("inf")
+    view = x[:, :257]  # a strided view, as the sampler's vocab slice is when the head is padded
+    for t in (x, view, x[:1]):
+        got = _argmax(t)
+        assert got.dtype == torch.int64 and got.shape == (t.shape[0],)
+        assert torch.equal(got, t.argmax(dim=-1))
+    assert _argmax(x)[6] == 17 and _argmax(x)[5] == 0
 
 
 def test_padding_columns_are_never_sampled() -> None:

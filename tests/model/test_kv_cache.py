@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llamaserve.model import native
-from llamaserve.model.kv_cache import KV_DTYPES, PagedKVCache, build_metadata, quantize_int8
+from llamaserve.model.kv_cache import KV_DTYPES, PagedKVCache, build_metadata, decode_metadata, quantize_int8
 
 needs_native = pytest.mark.skipif(not native.available(), reason="no AVX2 CPU or no C compiler")
 DTYPES = list(KV_DTYPES.values())
@@ -183,3 +183,20 @@ def test_bytes_per_token_of_llama2_7b() -> None:
     assert PagedKVCache.bytes_per_token(32, 32, 128, torch.bfloat16) == 0.5 * mib
     assert PagedKVCache.bytes_per_token(32, 32, 128, torch.float32) == 1.0 * mib
     assert PagedKVCache.bytes_per_token(32, 32, 128, torch.int8) / mib == pytest.approx(0.2578, abs=1e-4)
+
+
+def test_decode_metadata_is_build_metadatas_for_one_token_chunks() -> None:
+    """The fused decode path's short cut gives the very slot_mapping, ctx_slots and ctx_lens that
+    build_metadata gives for the same one-token chunks (tables with spare blocks, padding columns)."""
+    rng = random.Random(0)
+    for _ in range(300):
+        bs = rng.choice([1, 4, 16, 32])
+        tables, done = [], []
+        for _ in range(rng.randint(1, 9)):
+            d = rng.randint(0, 200)
+            tables.append(rng.sample(range(1000), -(-(d + 1) // bs) + rng.randint(0, 2)))
+            done.append(d)
+        meta = build_metadata([(t, d, 1) for t, d in zip(tables, done, strict=True)], bs)
+        got = decode_metadata(tables, done, bs)
+        for a, b in zip(got, (meta.slot_mapping, meta.ctx_slots, meta.ctx_lens), strict=True):
+            assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)

@@ -162,3 +162,28 @@ def test_gguf_linear_packs_big_tensors_in_slices_and_joins_them(monkeypatch):
         assert torch.equal(v, sliced.native_weight.parts[0][1][k]), k
     x = torch.randn(3, 256)
     assert torch.equal(whole(x), sliced(x))
+
+
+def test_the_embedding_row_cache_gives_the_tables_rows_through_evictions() -> None:
+    """Lookups through a cache of 5 rows (ids repeated within a lookup, hits beside misses, evictions,
+    a lookup wider than the cache) give exactly gguf's dequantized rows; a bad id is an IndexError."""
+    rng = np.random.default_rng(1)
+    rows, cols = 40, 64
+    data = quantize(rng.standard_normal((rows, cols)).astype(np.float32), QT.Q8_0)
+    emb = QuantizedEmbedding(rows, cols)
+    emb.ROW_CACHE_BYTES = 5 * 4 * cols
+    emb.load(RawTensor(QT.Q8_0, data, cols))
+    assert len(emb._owner) == 5
+    want = torch.from_numpy(dequantize(data, QT.Q8_0))
+    lookups = [[3], [3, 3, 9], [1, 2, 3, 4], [5, 3, 6], [0, 1, 2, 3, 4, 5, 6], [7, 7, 8], [39, 0]]
+    lookups += [list(rng.integers(0, rows, 4)) for _ in range(30)]
+    for ids in lookups:
+        got = emb(torch.tensor(ids).view(1, -1))
+        assert got.shape == (1, len(ids), cols)
+        assert torch.equal(got[0], want[ids]), ids
+        if len(set(ids)) <= 5:
+            assert all(emb._owner[emb._slot_of[i]] == i for i in ids)  # each cached where the map says
+    assert sorted(emb._slot_of.values()) == sorted(set(emb._slot_of.values()))
+    for bad in ([-1], [rows], [2, rows + 5]):
+        with pytest.raises(IndexError, match="token ids must be in"):
+            emb(torch.tensor(bad))
