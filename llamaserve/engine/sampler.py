@@ -52,10 +52,12 @@ class Sampler:
         logits = logits[:, : self.vocab_size]
         # A copy of ours to modify in place; not needed where no stage will modify it (plain requests: a
         # batch-64 step's 12 MB of logits are then not copied).
-        logits = logits.to(torch.float32, copy=self._modifies(seqs))  # [B, V]
+        modifies = self._modifies(seqs)
+        logits = logits.to(torch.float32, copy=modifies)  # [B, V]
         lp_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None  # [R, V]
-        self._process(logits, seqs)
+        if modifies:
+            self._process(logits, seqs)
         token_ids = self._choose(logits, seqs)  # [B]
         tokens: list[int] = token_ids.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
