@@ -162,6 +162,14 @@ AI void GROUP_U(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
             _mm_prefetch((const char *)(hi + (b + PF) * 32 * HI), _MM_HINT_T0);
             if (VW == 16) _mm_prefetch((const char *)(hi + hi_st + (b + PF) * 32 * HI), _MM_HINT_T0);
         }
+#if PF_L2  // the low nibbles PF_L2 blocks on into L2 as well (gemm.c; the high-bit planes: no gain)
+        _mm_prefetch((const char *)(lo + (b + PF_L2) * 128), _MM_HINT_T1);
+        _mm_prefetch((const char *)(lo + (b + PF_L2) * 128 + 64), _MM_HINT_T1);
+        if (VW == 16) {
+            _mm_prefetch((const char *)(lo + lo_st + (b + PF_L2) * 128), _MM_HINT_T1);
+            _mm_prefetch((const char *)(lo + lo_st + (b + PF_L2) * 128 + 64), _MM_HINT_T1);
+        }
+#endif
 #ifndef NO_PF_SCALES
         // K types' scale streams too (a few bytes a block, but each a stream of its own whose misses stall
         // the block as a nibble miss would): 7B-shaped one-row matmuls from DRAM, Zen 4, six alternated
@@ -272,6 +280,11 @@ AI void GROUP_Q8(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int 
         for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(w + (b + PF) * 256 + 64 * i), _MM_HINT_T0);
         if (VW == 16)
             for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(w + w_st + (b + PF) * 256 + 64 * i), _MM_HINT_T0);
+#if PF_L2
+        for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(w + (b + PF_L2) * 256 + 64 * i), _MM_HINT_T1);
+        if (VW == 16)
+            for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(w + w_st + (b + PF_L2) * 256 + 64 * i), _MM_HINT_T1);
+#endif
         VI s[MTILE];
         for (int j = 0; j < MT; j++) s[j] = IZERO;
 #if LS_VNNI_WIDE
