@@ -217,4 +217,3 @@ def decode_metadata(tables: list[list[int]], done: list[int], block_size: int,
     ctx_slots = np.where(cols[None, :] < lens[:, None], slots, 0)
     slot_mapping = ctx_slots[np.arange(B), lens - 1]
     return torch.from_numpy(slot_mapping), torch.from_numpy(ctx_slots), torch.from_numpy(lens)
-

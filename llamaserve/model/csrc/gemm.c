@@ -35,9 +35,10 @@
 #define PF 8
 #endif
 // Blocks ahead to prefetch into L2 as well (the low nibbles, Q8_0's values; 0: none): more of the stream
-// in flight. kernel_ab against the L1 prefetch alone, Zen 4: embedded model, layers + head 0.93x the
-// time at M = 1 and 0.88x at M = 16, the fused decode step at batch 1 0.95x; Llama 2 7B Q4_K_M (6 layers
-// and the head) 0.95x at M = 1 and 0.96x at M = 4. 16 and 32 blocks gave less, 128 no more.
+// in flight. kernel_ab against the L1 prefetch alone, Zen 4, two runs: embedded model, layers 0.91-0.94x
+// the time at M = 1 (with the head 0.93-0.99x), layers + head 0.88-0.92x at M = 16, the fused decode step
+// 0.90-0.95x at batch 1; Llama 2 7B Q4_K_M (6 layers and the head) 0.95x at M = 1, 0.96x at M = 4.
+// 16 and 32 blocks gave less, 128 no more.
 #ifndef PF_L2
 #define PF_L2 64
 #endif
