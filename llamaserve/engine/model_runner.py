@@ -143,12 +143,8 @@ class ModelRunner:
         whose layers all run on our kernels (prefill chunks take the layer-by-layer path)."""
         return self.fused is not None and meta.q_dest is None
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 fused: bool = True) -> torch.Tensor:
-        if fused and self.fused is not None and self.runs_fused(meta):
-            x, cos, sin = self.model.embed(ids, positions)
-            return self.fused.run(x, cos, sin, meta.slot_mapping, meta.ctx_slots, meta.ctx_lens,
-                                  self.cache.native or [])  # (the model's last norm included)
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The layer-by-layer forward (compiled where --compile warmed it up); fused steps: _decode_fused."""
         if self.compiled is not None:
             try:
                 # Never compile while serving: a step of a shape class the warm-up missed runs eagerly.
@@ -227,16 +223,16 @@ class ModelRunner:
         groups = [[i for i, item in enumerate(items) if _decodes(item) == single] for single in (True, False)]
         groups = [g for g in groups if g]
         if len(groups) < 2:
-            return self._decode_fused(items) if _decodes(items[0]) else self._execute(items, fused=False)
+            return self._decode_fused(items) if _decodes(items[0]) else self._execute(items)
         logits = torch.cat([self._decode_fused([items[i] for i in g]) if _decodes(items[g[0]])
-                            else self._execute([items[i] for i in g], fused=False) for g in groups])
+                            else self._execute([items[i] for i in g]) for g in groups])
         order = torch.tensor([i for g in groups for i in g if items[i].samples])  # item index of each row
         return logits[order.argsort()]  # rows back in the items' order
 
     def _decode_fused(self, items: list) -> torch.Tensor:
-        """A step of decode chunks (one new token each) in one native call; logits of those that sample.
-        The same inputs as _execute builds, with less Python around the call (it is most of a one-sequence
-        step's overhead)."""
+        """A step of decode chunks (one new token each) in one native call (the model's last norm
+        included); logits of those that sample. Only the tensors that call reads are built: around it,
+        Python is most of a one-sequence step's overhead."""
         if self.fused is None:
             raise RuntimeError("no fused decode path for this model")
         seqs = [item.seq for item in items]
@@ -251,7 +247,8 @@ class ModelRunner:
             hidden = hidden[torch.tensor(rows, dtype=torch.long)]
         return self.model.logits(hidden)
 
-    def _execute(self, items: list, fused: bool = True) -> torch.Tensor:
+    def _execute(self, items: list) -> torch.Tensor:
+        """Chunks on the layer path: prefill, or every step of a model without the fused path."""
         ids: list[int] = []
         positions: list[int] = []
         chunks = []
@@ -269,7 +266,7 @@ class ModelRunner:
         meta = build_metadata(chunks, self.config.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self._forward(input_ids, pos, meta, fused)  # [T, hidden]
+        hidden = self._forward(input_ids, pos, meta)  # [T, hidden]
         if not last_rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         rows = torch.tensor(last_rows, dtype=torch.long, device=self.device)

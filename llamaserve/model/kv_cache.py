@@ -158,17 +158,7 @@ def build_metadata(
     q_lens = np.array([c[2] for c in chunks], dtype=np.int64)  # [B]
     ctx_lens = done + q_lens
     Q = int(q_lens.max())
-    # Pad the context to a multiple of 32 columns (masked): the attention kernel's arithmetic for a row then
-    # depends on its own context only, not on the longest one in the batch (batch invariance).
-    L = -(-int(ctx_lens.max()) // CTX_ALIGN) * CTX_ALIGN
-    width = max(len(c[0]) for c in chunks)
-    tables = np.zeros((B, width), dtype=np.int64)  # [B, W]
-    for b, c in enumerate(chunks):
-        tables[b, : len(c[0])] = c[0]
-    cols = np.arange(L)
-    valid = cols[None, :] < ctx_lens[:, None]  # [B, L]
-    blocks = tables[:, np.minimum(cols // block_size, width - 1)]  # [B, L]
-    ctx_slots = np.where(valid, blocks * block_size + cols % block_size, 0)  # [B, L]
+    ctx_slots, valid, cols = _context_slots([c[0] for c in chunks], ctx_lens, block_size)
     # The new tokens' slots, in the flat (sequence-major) order of the step's tokens.
     slot_mapping = ctx_slots[valid & (cols[None, :] >= done[:, None])]  # [T]
     if Q == 1:
@@ -197,14 +187,14 @@ def build_metadata(
     )
 
 
-def decode_metadata(tables: list[list[int]], done: list[int], block_size: int,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's (slot_mapping [B], ctx_slots [B, L], ctx_lens [B]) for the fused path: each
-    sequence brings one token at position done[b]. The same values as build_metadata's for those chunks,
-    without the mask and query rows no fused step reads (0.12 ms a step of Python at one sequence)."""
+def _context_slots(tables: list[list[int]], ctx_lens: np.ndarray, block_size: int,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pool slot of every context column [B, L] (0 past a row's length), which columns are valid [B,
+    L], and the columns [L]. The context is padded to a multiple of 32 columns (masked): the attention
+    kernel's arithmetic for a row then depends on its own context only, not on the longest one in the
+    batch (batch invariance)."""
     B = len(tables)
-    lens = np.array(done, dtype=np.int64) + 1  # [B]
-    L = -(-int(lens.max()) // CTX_ALIGN) * CTX_ALIGN
+    L = -(-int(ctx_lens.max()) // CTX_ALIGN) * CTX_ALIGN
     width = max(len(t) for t in tables)
     if B == 1:
         table = np.array(tables[0], dtype=np.int64)[None, :]  # [1, W]
@@ -213,7 +203,17 @@ def decode_metadata(tables: list[list[int]], done: list[int], block_size: int,
         for b, t in enumerate(tables):
             table[b, : len(t)] = t
     cols = np.arange(L)
-    slots = table[:, np.minimum(cols // block_size, width - 1)] * block_size + cols % block_size  # [B, L]
-    ctx_slots = np.where(cols[None, :] < lens[:, None], slots, 0)
-    slot_mapping = ctx_slots[np.arange(B), lens - 1]
+    valid = cols[None, :] < ctx_lens[:, None]  # [B, L]
+    blocks = table[:, np.minimum(cols // block_size, width - 1)]  # [B, L]
+    return np.where(valid, blocks * block_size + cols % block_size, 0), valid, cols
+
+
+def decode_metadata(tables: list[list[int]], done: list[int], block_size: int,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's (slot_mapping [B], ctx_slots [B, L], ctx_lens [B]) for the fused path: each
+    sequence brings one token at position done[b]. The same values as build_metadata's for those chunks,
+    without the mask and query rows no fused step reads (0.12 ms a step of Python at one sequence)."""
+    lens = np.array(done, dtype=np.int64) + 1  # [B]
+    ctx_slots, _, _ = _context_slots(tables, lens, block_size)
+    slot_mapping = ctx_slots[np.arange(len(tables)), lens - 1]
     return torch.from_numpy(slot_mapping), torch.from_numpy(ctx_slots), torch.from_numpy(lens)

@@ -64,9 +64,9 @@ def test_requests_arriving_mid_decode_do_not_change_greedy_output(smollm_parts, 
     runner, forwards, calls = engine.runner, [], []  # forwards per step; each forward's chunk sizes
     inner, inner_fused, outer = runner._execute, runner._decode_fused, runner.execute
 
-    def forward(items, fused=True):
-        calls.append((fused, [i.num_new_tokens for i in items]))
-        return inner(items, fused=fused)
+    def forward(items):  # the layer path
+        calls.append((False, [i.num_new_tokens for i in items]))
+        return inner(items)
 
     def forward_fused(items):
         calls.append((True, [i.num_new_tokens for i in items]))
