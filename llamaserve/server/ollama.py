@@ -64,7 +64,7 @@ class Options(StrictRequest):
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = None
-    stop: list[str] | None = None
+    stop: list[Annotated[str, Field(min_length=1)]] | None = None  # (an empty stop string would end at once)
     num_ctx: int | None = Field(default=None, ge=1)
     repeat_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
