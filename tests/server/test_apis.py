@@ -331,7 +331,8 @@ def test_ollama_errors_and_tags() -> None:
     # An empty stop string is refused by the schema itself, in Ollama's shape (it was refused later, with
     # a message about another field's type, and the published schema allowed it).
     r = client.post("/api/generate", json={"model": MODEL, "prompt": "x", "options": {"stop": ["a", ""]}})
-    assert r.status_code == 400 and "stop" in r.json()["error"] and "at least 1 character" in r.json()["error"]
+    assert r.status_code == 400 and "stop" in r.json()["error"]
+    assert "at least 1 character" in r.json()["error"]
     stop = client.get("/openapi.json").json()["components"]["schemas"]["Options"]["properties"]["stop"]
     assert stop["anyOf"][0]["items"]["minLength"] == 1
 
