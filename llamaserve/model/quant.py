@@ -211,10 +211,9 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.table: RawTensor | None = None
         self.file_map: mmap.mmap | None = None  # the map under table.data, when it is one
-        self._reset_cache()
+        self._reset_cache(0)  # (the rows' cache is allocated by load)
 
-    def _reset_cache(self) -> None:
-        cap = max(1, min(self.num_embeddings, self.ROW_CACHE_BYTES // (4 * self.embedding_dim)))
+    def _reset_cache(self, cap: int) -> None:
         # [cap, dim] float32; its pages come into memory only as rows arrive
         self._cached = torch.empty(cap, self.embedding_dim, dtype=torch.float32, device="cpu")
         self._slot_of: dict[int, int] = {}  # token id -> its row in _cached
@@ -226,7 +225,7 @@ class QuantizedEmbedding(nn.Module):
             raise ValueError(f"embedding of {t.rows} x {t.cols}, expected "
                              f"{self.num_embeddings} x {self.embedding_dim}")
         self.table, self.file_map = t, file_map(t.data)
-        self._reset_cache()
+        self._reset_cache(max(1, min(self.num_embeddings, self.ROW_CACHE_BYTES // (4 * self.embedding_dim))))
 
     def _dequantize(self, table: RawTensor, ids: list[int]) -> torch.Tensor:
         """[len(ids), dim] float32 from the table (gguf's dequantization); a negative or too large id is
