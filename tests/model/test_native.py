@@ -224,3 +224,55 @@ def test_kernels_run_inside_torch_compile():
     x = torch.randn(3, 64)
     compiled = torch.compile(lambda t: native.matmul(t * 2, weight).relu(), fullgraph=True)
     assert torch.equal(compiled(x), weight.matmul(x * 2).relu())
+
+
+def _mapped(address: int) -> bool:
+    """Whether `address` lies in one of this process's mappings (Linux's /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= address < hi:
+                return True
+    return False
+
+
+@pytest.mark.skipif(not (native.WeightArena.supported() and os.path.exists("/proc/self/maps")),
+                    reason="needs private anonymous maps and /proc/self/maps")
+def test_weight_arena_copies_aligns_and_unmaps_with_its_last_tensor():
+    arena = native.WeightArena()
+    arena.CHUNK = 4 << 20  # (256 MiB in use)
+    a = torch.arange(1000, dtype=torch.int16)
+    b = torch.randn(3, 7)
+    pa, pb = arena.place(a), arena.place(b)
+    assert torch.equal(pa, a) and torch.equal(pb, b) and pa.data_ptr() != a.data_ptr()
+    assert pa.data_ptr() % arena.HUGE == 0  # a fresh map starts on a huge-page boundary
+    assert pb.data_ptr() == pa.data_ptr() + 2048  # then load order, 64-byte aligned
+    for t in (torch.empty(0), torch.randn(4, 4).T):  # nothing to copy; not contiguous: left as they are
+        assert arena.place(t) is t
+    rest = torch.ones(arena.CHUNK - 2048 - 64, dtype=torch.uint8)  # does not fit the first map's tail
+    prest = arena.place(rest)
+    assert prest.data_ptr() % arena.HUGE == 0 and torch.equal(prest, rest)
+    big = torch.full((arena.CHUNK + 1,), 7, dtype=torch.uint8)  # bigger than a chunk: a map of its size
+    pbig = arena.place(big)
+    assert pbig.data_ptr() % arena.HUGE == 0 and torch.equal(pbig, big)
+    first, second = pa.data_ptr(), prest.data_ptr()
+    del pa, pb, prest
+    assert not _mapped(first) and not _mapped(second)  # a map goes with the last tensor in it
+    assert _mapped(pbig.data_ptr())  # (the arena's own reference keeps the map it is filling)
+
+
+@needs_native
+def test_native_weights_live_in_the_arena_and_a_refused_one_takes_none_of_it():
+    raw = random_blocks(QT.Q4_K, 16, 256, seed=1)
+    bufs = formats.pack(QT.Q4_K, formats.unpack(QT.Q4_K, raw, 16, 256))
+    weight = native.NativeWeight(256, [(QT.Q4_K, bufs)])
+    placed = weight.parts[0][1]
+    assert all(torch.equal(placed[k], bufs[k]) for k in bufs)
+    if native.WeightArena.supported():
+        assert placed["q"].data_ptr() != bufs["q"].data_ptr()
+        used = native._ARENA._used
+        with pytest.raises(ValueError, match="refused"):
+            native.NativeWeight(288, [(QT.Q4_K, bufs)])
+        assert native._ARENA._used == used
+    x = torch.randn(3, 256)
+    assert torch.equal(weight.matmul(x), native.NativeWeight(256, [(QT.Q4_K, bufs)]).matmul(x))
