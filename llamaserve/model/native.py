@@ -263,9 +263,39 @@ def _check(rc: int, what: str) -> None:
         raise ValueError(f"{what}: the native kernel refused its arguments (code {rc})")
 
 
+HUGE_PAGE = 2 << 20
+
+
+def maps_supported() -> bool:
+    """Whether private anonymous maps can be made here (not on Windows)."""
+    return hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")
+
+
+def huge_page_map(nbytes: int) -> torch.Tensor:
+    """uint8 [nbytes], zero-filled, from a 2 MiB boundary of a private anonymous map advised for transparent
+    huge pages before any page is touched (the system's setting decides; none are reserved). The map is
+    unmapped when the last tensor viewing it is gone."""
+    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        m.madvise(mmap.MADV_HUGEPAGE)
+    whole = torch.frombuffer(m, dtype=torch.uint8)  # (holds the map)
+    start = -whole.data_ptr() % HUGE_PAGE
+    return whole[start : start + nbytes]
+
+
+def empty_huge(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled CPU tensor in a huge_page_map (torch.zeros where maps are not supported). Its pages,
+    2 MiB at a time, come into memory as they are first written."""
+    n = 1
+    for s in shape:
+        n *= s
+    if not maps_supported() or n == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return huge_page_map(n * torch.empty((), dtype=dtype).element_size()).view(dtype).view(shape)
+
+
 class WeightArena:
-    """Where packed weights live: private anonymous maps of at least CHUNK bytes, 2 MiB-aligned and
-    advised for transparent huge pages (madvise; the system's setting decides), filled in load order.
+    """Where packed weights live: huge_page_maps of at least CHUNK bytes, filled in load order.
 
     A one-row matmul streams its weight from DRAM; on 4 KiB pages every page is a TLB miss and a point
     where the hardware prefetchers stop, and separately allocated buffers scatter a layer's weights.
@@ -276,25 +306,15 @@ class WeightArena:
     """
 
     CHUNK = 256 << 20
-    HUGE = 2 << 20
+    HUGE = HUGE_PAGE
     ALIGN = 64
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._base: torch.Tensor | None = None  # uint8 view of the map being filled, from a 2 MiB boundary
+        self._base: torch.Tensor | None = None  # the map being filled
         self._used = 0
 
-    @staticmethod
-    def supported() -> bool:
-        return hasattr(mmap, "MAP_PRIVATE") and hasattr(mmap, "MAP_ANONYMOUS")
-
-    def _new_map(self, size: int) -> torch.Tensor:
-        m = mmap.mmap(-1, size + self.HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            m.madvise(mmap.MADV_HUGEPAGE)  # before any page is touched
-        whole = torch.frombuffer(m, dtype=torch.uint8)  # (holds the map)
-        start = -whole.data_ptr() % self.HUGE
-        return whole[start : start + size]
+    supported = staticmethod(maps_supported)
 
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of contiguous CPU tensor t in the arena (t itself where the arena cannot hold it)."""
@@ -303,7 +323,7 @@ class WeightArena:
             return t
         with self._lock:
             if self._base is None or self._used + n > self._base.numel():  # (the old map's tail: untouched)
-                self._base, self._used = self._new_map(max(self.CHUNK, -(-n // self.HUGE) * self.HUGE)), 0
+                self._base, self._used = huge_page_map(max(self.CHUNK, -(-n // self.HUGE) * self.HUGE)), 0
             base, start = self._base, self._used
             self._used = -(-(start + n) // self.ALIGN) * self.ALIGN
         out = base[start : start + n].view(t.dtype).view(t.shape)

@@ -200,3 +200,15 @@ def test_decode_metadata_is_build_metadatas_for_one_token_chunks() -> None:
         got = decode_metadata(tables, done, bs)
         for a, b in zip(got, (meta.slot_mapping, meta.ctx_slots, meta.ctx_lens), strict=True):
             assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not native.maps_supported(), reason="no private anonymous maps here")
+def test_cpu_pools_are_zeroed_huge_page_maps_that_grow_as_written() -> None:
+    cache = PagedKVCache(2, 300, 16, 2, 64, torch.bfloat16)
+    for pool in cache.kv:
+        assert pool.shape == (300 * 16, 4, 64) and pool.dtype == torch.bfloat16 and pool.is_contiguous()
+        assert pool.data_ptr() % native.HUGE_PAGE == 0
+        assert not bool(pool.any())  # zero-filled, slot 0 included
+        pool[-1] = 1.5  # writable
+        assert bool((pool[-1] == 1.5).all())
+    assert native.empty_huge((0, 3), torch.float32).shape == (0, 3)
