@@ -38,7 +38,10 @@ def bytes_per_token(path: Path) -> int:
 def read_rates(gib: float, repeats: int) -> list[float]:
     """Bytes per second of `repeats` streaming reads of a `gib` GiB buffer."""
     n = int(gib * 2**30) // 256 * 256
-    buf = torch.ones(n, dtype=torch.uint8)  # touched: every page is resident before the timing
+    # Random bytes, every page resident before the timing. Not a constant fill: on these VMs a buffer of
+    # identical pages (torch.ones) read at 31 GB/s at first and then at 45-58 within seconds, as if its
+    # pages had been merged into a few cached ones (2026-12-07, Zen 4; random bytes stayed at 29-34).
+    buf = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     native.stream_read(buf)
     rates = []
     for _ in range(repeats):

@@ -48,6 +48,17 @@ def test_stream_read_reads_every_byte_and_refuses_bad_buffers() -> None:
             native.stream_read(bad)
 
 
+def test_the_probe_reads_pages_of_distinct_bytes_not_a_constant_fill(monkeypatch) -> None:
+    """A buffer of identical pages read at up to 58 GB/s on these VMs against 29-34 for random bytes."""
+    mod = load_benchmark("memory_ceiling")
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(mod.native, "stream_read", lambda b: seen.append(b) or 0)
+    rates = mod.read_rates(1 / 1024, 2)  # 1 MiB
+    assert len(rates) == 2 and len(seen) == 3  # a read to touch it, then the timed ones
+    pages = seen[0].view(-1, 4096)
+    assert len({bytes(p[:64].tolist()) for p in pages}) == pages.shape[0] == 256
+
+
 def test_cpu_description_names_the_model_and_the_kernel_deciding_features(monkeypatch) -> None:
     cpuinfo = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
     monkeypatch.setattr(native.Path, "read_text", lambda self, *a, **k: cpuinfo)
