@@ -30,6 +30,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -397,7 +398,13 @@ def measure(args: argparse.Namespace) -> None:
     print(m.HEADER.format(n=args.streams))
     for r in results:
         print(m.table_row(r, label, args.streams))
-    report = {"file": str(args.out), "qtype": qtype, "layers": layers, "threads": args.threads}
+    report: dict[str, Any] = {"file": str(args.out), "qtype": qtype, "layers": layers, "threads": args.threads}
+    if args.alternate:
+        cmds = {"llamaserve (defaults)": m.llamaserve_cmd(args.out),
+                "llama-server": m.llama_server_cmd(args.llama_server, args.out, args.threads, args.streams)}
+        report["alternated"] = m.alternate(cmds, args.streams, args.max_tokens, args.alternate)
+        print(f"\nBoth servers up, decode tok/s alternated over {args.alternate} rounds:\n")
+        print(m.alternate_table(report["alternated"], args.streams))
     print(json.dumps({**report, "cpus": os.cpu_count(), "results": results}, indent=1))
 
 
@@ -420,9 +427,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--ttft-tokens", type=int, default=1000,
                     help="also time the first token of a prompt this long, alone (0: skip)")
+    ap.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                    help="then both servers up at once, their decode alternated for ROUNDS rounds (needs "
+                         "--measure and --llama-server)")
     args = ap.parse_args()
     if args.layers < 1:
         ap.error("--layers must be >= 1")
+    if args.alternate < 0 or (args.alternate and not (args.measure and args.llama_server)):
+        ap.error("--alternate takes a number of rounds >= 0 and needs --measure and --llama-server")
     if args.reuse and not args.out.is_file():
         ap.error(f"--reuse: {args.out} does not exist")
     if args.reuse and not (args.measure or args.llama_server):

@@ -8,8 +8,10 @@ file-backed pages (weights read through a memory map count there, and the kernel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -172,6 +174,50 @@ def measure_server(label: str, cmd: list[str], streams: int, max_tokens: int,
         finally:
             stop_server(proc)
     return result
+
+
+def alternate(cmds: dict[str, list[str]], streams: int, max_tokens: int, rounds: int) -> dict[str, Any]:
+    """Every server up at once, then `rounds` rounds in which each in turn decodes one stream and then
+    `streams` streams, the order reversed every other round: a slow stretch of the machine (these VMs
+    swing 20-40% between minutes) falls on both, where one server after the other can catch either
+    alone. Per label and round the decode tok/s ({'one': [...], 'many': [...]})."""
+    import httpx
+
+    labels = list(cmds)
+    out: dict[str, Any] = {label: {"one": [], "many": []} for label in labels}
+    prompts = prompt_texts(streams)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        urls = {}
+        for i, (label, cmd) in enumerate(cmds.items()):
+            proc, urls[label] = start_server(cmd, Path(tmp) / f"server{i}.log")
+            stack.callback(stop_server, proc)
+        with httpx.Client(limits=httpx.Limits(max_connections=2 * streams)) as client:
+            for label in labels:
+                server_run(client, urls[label], prompts[:1], 2)  # warm-up
+            for r in range(rounds):
+                for label in labels if r % 2 == 0 else labels[::-1]:
+                    out[label]["one"].append(server_run(client, urls[label], prompts[:1], max_tokens)["decode_tok_s"])
+                    out[label]["many"].append(server_run(client, urls[label], prompts, max_tokens)["decode_tok_s"])
+    return out
+
+
+def alternate_table(out: dict[str, Any], streams: int) -> str:
+    """Markdown: each round's decode tok/s and the first label's over the second's, then the medians."""
+    a, b = list(out)[:2]
+    lines = [f"| round | {a}, 1 stream | {b}, 1 stream | ratio | {a}, {streams} streams | {b}, {streams} streams "
+             "| ratio |", "|---|---|---|---|---|---|---|"]
+    ratios: dict[str, list[float]] = {"one": [], "many": []}
+    for r in range(len(out[a]["one"])):
+        cells = []
+        for key in ("one", "many"):
+            x, y = out[a][key][r], out[b][key][r]
+            ratios[key].append(x / y)
+            cells.append(f"{x} | {y} | {x / y:.2f}x")
+        lines.append(f"| {r + 1} | {' | '.join(cells)} |")
+    med = [f"{statistics.median(out[a][k]):.2f} | {statistics.median(out[b][k]):.2f} | "
+           f"**{statistics.median(ratios[k]):.2f}x**" for k in ("one", "many")]
+    lines.append(f"| median (ratio: of the rounds' ratios) | {' | '.join(med)} |")
+    return "\n".join(lines)
 
 
 # -- report ------------------------------------------------------------------------------------------

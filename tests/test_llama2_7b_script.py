@@ -444,3 +444,29 @@ def test_served_measurement_counts_every_token(script: ModuleType, tmp_path: Pat
     assert result["after_generate"]["peak_rss_gb"] >= result["after_load"]["rss_gb"] > 0
     row = measure.table_row(result, "tiny", 3)
     assert row.startswith("| ours | tiny |") and row.count("|") == 9
+
+
+def test_alternated_rounds_time_both_servers_in_turn(script: ModuleType, tmp_path: Path, monkeypatch) -> None:
+    """Two servers up at once (here two of ours), their decode alternated round by round; the table gives
+    every round's ratio and the median of them."""
+    monkeypatch.setenv("LLAMASERVE_CACHE", str(tmp_path / "cache"))
+    measure = load_benchmark("llama2_7b_measure")
+    path = script.write_gguf(tmp_path / "tiny.gguf", QT.Q4_0, 2, output_qtype=QT.Q4_0, **TINY)
+    cmds = {"a": measure.llamaserve_cmd(path), "b": measure.llamaserve_cmd(path)}
+    out = measure.alternate(cmds, streams=2, max_tokens=4, rounds=3)
+    assert set(out) == {"a", "b"} and all(len(out[k][n]) == 3 for k in out for n in ("one", "many"))
+    assert all(v > 0 for k in out for n in ("one", "many") for v in out[k][n])
+    table = measure.alternate_table({"a": {"one": [2.0, 4.0, 3.0], "many": [8.0, 8.0, 8.0]},
+                                     "b": {"one": [1.0, 4.0, 1.0], "many": [4.0, 2.0, 8.0]}}, 2)
+    rows = table.splitlines()
+    assert len(rows) == 2 + 3 + 1 and rows[2] == "| 1 | 2.0 | 1.0 | 2.00x | 8.0 | 4.0 | 2.00x |"
+    assert rows[-1].endswith("| 3.00 | 1.00 | **2.00x** | 8.00 | 4.00 | **2.00x** |")  # medians of ratios
+
+
+def test_alternate_needs_both_servers(script: ModuleType, tmp_path: Path, monkeypatch, capsys) -> None:
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"")
+    monkeypatch.setattr("sys.argv", ["llama2_7b.py", "--out", str(path), "--reuse", "--measure", "--alternate", "3"])
+    with pytest.raises(SystemExit):
+        script.main()
+    assert "--alternate" in capsys.readouterr().err
