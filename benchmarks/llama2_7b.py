@@ -398,7 +398,8 @@ def measure(args: argparse.Namespace) -> None:
     print(m.HEADER.format(n=args.streams))
     for r in results:
         print(m.table_row(r, label, args.streams))
-    report: dict[str, Any] = {"file": str(args.out), "qtype": qtype, "layers": layers, "threads": args.threads}
+    report: dict[str, Any] = {"file": str(args.out), "qtype": qtype, "layers": layers,
+                              "threads": args.threads}
     if args.alternate:
         cmds = {"llamaserve (defaults)": m.llamaserve_cmd(args.out),
                 "llama-server": m.llama_server_cmd(args.llama_server, args.out, args.threads, args.streams)}

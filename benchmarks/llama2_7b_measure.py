@@ -196,16 +196,17 @@ def alternate(cmds: dict[str, list[str]], streams: int, max_tokens: int, rounds:
                 server_run(client, urls[label], prompts[:1], 2)  # warm-up
             for r in range(rounds):
                 for label in labels if r % 2 == 0 else labels[::-1]:
-                    out[label]["one"].append(server_run(client, urls[label], prompts[:1], max_tokens)["decode_tok_s"])
-                    out[label]["many"].append(server_run(client, urls[label], prompts, max_tokens)["decode_tok_s"])
+                    for key, batch in (("one", prompts[:1]), ("many", prompts)):
+                        run = server_run(client, urls[label], batch, max_tokens)
+                        out[label][key].append(run["decode_tok_s"])
     return out
 
 
 def alternate_table(out: dict[str, Any], streams: int) -> str:
     """Markdown: each round's decode tok/s and the first label's over the second's, then the medians."""
     a, b = list(out)[:2]
-    lines = [f"| round | {a}, 1 stream | {b}, 1 stream | ratio | {a}, {streams} streams | {b}, {streams} streams "
-             "| ratio |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| round | {a}, 1 stream | {b}, 1 stream | ratio | {a}, {streams} streams "
+             f"| {b}, {streams} streams | ratio |", "|---|---|---|---|---|---|---|"]
     ratios: dict[str, list[float]] = {"one": [], "many": []}
     for r in range(len(out[a]["one"])):
         cells = []

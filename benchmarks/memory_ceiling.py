@@ -38,9 +38,10 @@ def bytes_per_token(path: Path) -> int:
 def read_rates(gib: float, repeats: int) -> list[float]:
     """Bytes per second of `repeats` streaming reads of a `gib` GiB buffer."""
     n = int(gib * 2**30) // 256 * 256
-    # Random bytes, every page resident before the timing. Not a constant fill: on these VMs a buffer of
-    # identical pages (torch.ones) read at 31 GB/s at first and then at 45-58 within seconds, as if its
-    # pages had been merged into a few cached ones (2026-12-07, Zen 4; random bytes stayed at 29-34).
+    # Random bytes, every page resident before the timing: weights are not a constant fill, and no
+    # merging of identical pages by the host can then flatter the rate. (A torch.ones buffer once read at
+    # 45-58 GB/s against 29-34 for random bytes, but random bytes later reached 55 in one repeat too:
+    # these VMs have stretches of far higher bandwidth, whatever the buffer.)
     buf = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     native.stream_read(buf)
     rates = []

@@ -466,7 +466,8 @@ def test_alternated_rounds_time_both_servers_in_turn(script: ModuleType, tmp_pat
 def test_alternate_needs_both_servers(script: ModuleType, tmp_path: Path, monkeypatch, capsys) -> None:
     path = tmp_path / "x.gguf"
     path.write_bytes(b"")
-    monkeypatch.setattr("sys.argv", ["llama2_7b.py", "--out", str(path), "--reuse", "--measure", "--alternate", "3"])
+    argv = ["llama2_7b.py", "--out", str(path), "--reuse", "--measure", "--alternate", "3"]
+    monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(SystemExit):
         script.main()
     assert "--alternate" in capsys.readouterr().err
