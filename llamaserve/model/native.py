@@ -45,7 +45,7 @@ VARIANTS: dict[str, tuple[list[str], set[str]]] = {
     "vnni-emulated": (["-DLS_VNNI_EMULATED"], {"avx2", "fma", "f16c"}),
 }
 AUTO = ("avx512vnni", "avxvnni", "avx2")  # what "auto" picks from, best first
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_PARTS = 3
 LS_ENOMEM, LS_EINVAL = -1, -2
 

@@ -105,11 +105,13 @@ def test_one_row_against_long_rows_matches_the_reference(qtype, variant, two_thr
 @pytest.mark.parametrize("qtype", [q for q in formats.FORMATS if q not in (QT.Q2_K, QT.Q3_K)],
                          ids=lambda q: q.name)
 def test_packed_weights_take_the_bytes_of_the_file(qtype):
-    """Re-laid out, not grown: what a 7B file holds is what RSS holds (Q4_K's 6-bit scales and mins in
-    12 bytes per 8 sub-blocks, as in GGUF). Q2_K and Q3_K keep their values as nibbles (more bytes)."""
+    """Re-laid out, barely grown: what a 7B file holds is what RSS holds, but for Q4_K's and Q5_K's 6-bit
+    scales and mins, a byte each (16 bytes per 8 sub-blocks, GGUF's 12: 4 more per 256 values, 2.8% of
+    Q4_K). Q2_K and Q3_K keep their values as nibbles (more bytes)."""
     raw = random_blocks(qtype, 16, 512, seed=1)
     bufs = formats.pack(qtype, formats.unpack(qtype, raw, 16, 512))
-    assert sum(t.numel() * t.element_size() for t in bufs.values()) == raw.nbytes
+    extra = 4 * 16 * 512 // 256 if qtype in (QT.Q4_K, QT.Q5_K) else 0
+    assert sum(t.numel() * t.element_size() for t in bufs.values()) == raw.nbytes + extra
 
 
 @needs_native

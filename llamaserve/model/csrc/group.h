@@ -11,12 +11,8 @@
 #define LDW(p, st) _mm256_loadu_si256((const __m256i *)(p))
 #define LDH(p, st) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))  // 8 float16
 #define LDC(p, st) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
-#define LDU8(p, st) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
-#define SET32X2(a, b) _mm256_set1_epi32(a)
-#define EVEN_BITS _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)
 #define BC4(p) bcast4(p)
 #define I8(x) _mm256_set1_epi8(x)
-#define I32(x) _mm256_set1_epi32(x)
 #define F32(x) _mm256_set1_ps(x)
 #define IZERO _mm256_setzero_si256()
 #define FZERO _mm256_setzero_ps()
@@ -24,9 +20,7 @@
 #define OR _mm256_or_si256
 #define SRLI16 _mm256_srli_epi16
 #define SLLI16 _mm256_slli_epi16
-#define SRLI32 _mm256_srli_epi32
 #define SLLI32 _mm256_slli_epi32
-#define SRLV32 _mm256_srlv_epi32
 #define ADD32 _mm256_add_epi32
 #define SUB32 _mm256_sub_epi32
 #define DPB DPBUSD
@@ -52,12 +46,8 @@
 #define LD8X2(p, st) _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(p)), \
                                         _mm_loadl_epi64((const __m128i *)((p) + (st))))
 #define LDC(p, st) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(LD8X2(p, st)))
-#define LDU8(p, st) _mm512_cvtepu8_epi32(LD8X2(p, st))
-#define SET32X2(a, b) _mm512_inserti64x4(_mm512_set1_epi32(a), _mm256_set1_epi32(b), 1)
-#define EVEN_BITS _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 0, 2, 4, 6, 8, 10, 12, 14)
 #define BC4(p) bcast4x16(p)
 #define I8(x) _mm512_set1_epi8(x)
-#define I32(x) _mm512_set1_epi32(x)
 #define F32(x) _mm512_set1_ps(x)
 #define IZERO _mm512_setzero_si512()
 #define FZERO _mm512_setzero_ps()
@@ -65,9 +55,7 @@
 #define OR _mm512_or_si512
 #define SRLI16 _mm512_srli_epi16
 #define SLLI16 _mm512_slli_epi16
-#define SRLI32 _mm512_srli_epi32
 #define SLLI32 _mm512_slli_epi32
-#define SRLV32 _mm512_srlv_epi32
 #define ADD32 _mm512_add_epi32
 #define SUB32 _mm512_sub_epi32
 #define DPB _mm512_dpbusd_epi32
@@ -126,19 +114,19 @@ AI void GROUP_U(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
                 const int MODE, uint8_t *scr) {
     const int64_t K = a->K, nb = K / QK, ns = SUB16 ? 2 : 1;
     const int64_t nscale = KQ ? nb / 8 : nb;
-    const int SM12 = KQ && HASM && !SUB16;  // Q4_K, Q5_K: scale and min in 12 bytes per block
+    const int SM16 = KQ && HASM && !SUB16;  // Q4_K, Q5_K: 8 scales then 8 mins, a byte each, in sc
     // Per-group strides (bytes) of each stream: the second group of a 16-row pass is one stride on.
     const int64_t lo_st = nb * 128, hi_st = nb * 32 * HI, d_st = nscale * 8 * 2;
-    const int64_t sc_st = nb * (SM12 ? 12 : ns * 8);
+    const int64_t sc_st = nb * (SM16 ? 16 : ns * 8);
     const uint8_t *lo = (const uint8_t *)p->q + g * lo_st;
     const uint8_t *hi = HI ? p->hi + g * hi_st : NULL;
     const uint8_t *d = (const uint8_t *)(p->d + g * nscale * 8);
     const uint8_t *m = HASM ? (const uint8_t *)(p->m + g * nscale * 8) : NULL;
     const uint8_t *sc = KQ ? (const uint8_t *)p->sc + g * sc_st : NULL;
-    const uint8_t *mn = KQ && HASM && !SM12 ? (const uint8_t *)p->mn + g * sc_st : NULL;
+    const uint8_t *mn = KQ && HASM && !SM16 ? (const uint8_t *)p->mn + g * sc_st : NULL;
     (void)d_st, (void)hi_st, (void)sc_st, (void)lo_st;
     const VI low = I8(0x0f), bit4 = I8(0x10), bits45 = I8(0x30);
-    VF acc[MTILE], accm[MTILE], dS, mS = FZERO;
+    VF acc[MTILE], accm[MTILE], dS = FZERO, mS = FZERO;
     for (int j = 0; j < MTILE; j++) acc[j] = accm[j] = FZERO;
     for (int64_t b = 0; b < nb; b++) {
         VI wv[8];
@@ -176,7 +164,7 @@ AI void GROUP_U(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
         // pairs, Q4_K 27.3 -> 30.2 GB/s and Q6_K 28.6 -> 30.7 on average. (The served 7B one-stream
         // figure did not move with it: BENCHMARKS.md.)
         if (KQ) {
-            const int64_t scb = SM12 ? 12 : ns * 8;
+            const int64_t scb = SM16 ? 16 : ns * 8;
             _mm_prefetch((const char *)(sc + (b + PF) * scb), _MM_HINT_T0);
             if (VW == 16) _mm_prefetch((const char *)(sc + sc_st + (b + PF) * scb), _MM_HINT_T0);
             if (mn) _mm_prefetch((const char *)(mn + (b + PF) * scb), _MM_HINT_T0);
@@ -213,17 +201,20 @@ AI void GROUP_U(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
             }
         }
         if (KQ) {
-            dS = LDH(d + b / 8 * 16, d_st);  // (reloaded each block: cheaper than a branch here)
-            if (HASM) mS = LDH(m + b / 8 * 16, d_st);
-            if (SM12) {
-                const uint8_t *r = sc + b * 12;
-                const VI lo4 = LDU8(r, sc_st);
-                int32_t top0, top1 = 0;
-                memcpy(&top0, r + 8, sizeof top0);
-                if (VW == 16) memcpy(&top1, r + sc_st + 8, sizeof top1);
-                const VI t = SET32X2(top0, top1), three = I32(3), at = EVEN_BITS;
-                const VI s6 = OR(AND(lo4, I32(15)), SLLI32(AND(SRLV32(t, at), three), 4));
-                const VI m6 = OR(SRLI32(lo4, 4), SLLI32(AND(SRLV32(t, ADD32(at, I32(16))), three), 4));
+            if (b % 8 == 0) {  // per super-block
+                dS = LDH(d + b / 8 * 16, d_st);
+                if (HASM) mS = LDH(m + b / 8 * 16, d_st);
+            }
+            if (SM16) {
+                const uint8_t *r = sc + b * 16;
+#if VW == 8
+                const __m128i v = _mm_loadu_si128((const __m128i *)r);
+                const VI s6 = _mm256_cvtepu8_epi32(v), m6 = _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8));
+#else
+                const __m128i v0 = _mm_loadu_si128((const __m128i *)r), v1 = _mm_loadu_si128((const __m128i *)(r + sc_st));
+                const VI s6 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(v0, v1));
+                const VI m6 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi64(v0, v1));
+#endif
                 s8[0] = FMUL(dS, CVTF(s6));
                 m8[0] = FMUL(mS, CVTF(m6));  // subtracted below
             } else
@@ -337,12 +328,8 @@ AI void GROUP_Q8(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int 
 #undef LDH
 #undef LD8X2
 #undef LDC
-#undef LDU8
-#undef SET32X2
-#undef EVEN_BITS
 #undef BC4
 #undef I8
-#undef I32
 #undef F32
 #undef IZERO
 #undef FZERO
@@ -350,9 +337,7 @@ AI void GROUP_Q8(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int 
 #undef OR
 #undef SRLI16
 #undef SLLI16
-#undef SRLI32
 #undef SLLI32
-#undef SRLV32
 #undef ADD32
 #undef SUB32
 #undef DPB

@@ -7,7 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LS_ABI_VERSION 5
+#define LS_ABI_VERSION 6
 #define LS_MAX_PARTS 3
 #define LS_OK 0
 #define LS_ENOMEM (-1)
@@ -28,7 +28,7 @@ typedef struct {
     const uint8_t *hi;       // high-bit planes (5- and 6-bit formats), else NULL
     const uint16_t *d, *m;   // float16: scale and min per block; per super-block for K formats
     const int8_t *sc, *mn;   // K formats: integer scale (and min) per sub-block, else NULL (Q4_K and
-                             // Q5_K: both in sc, 12 bytes per block of 8 rows; mn NULL)
+                             // Q5_K: both in sc, 16 bytes per block of 8 rows; mn NULL)
 } ls_part;
 
 typedef struct {
