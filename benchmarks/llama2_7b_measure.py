@@ -191,11 +191,15 @@ def alternate(cmds: dict[str, list[str]], streams: int, max_tokens: int, rounds:
         for i, (label, cmd) in enumerate(cmds.items()):
             proc, urls[label] = start_server(cmd, Path(tmp) / f"server{i}.log")
             stack.callback(stop_server, proc)
-        with httpx.Client(limits=httpx.Limits(max_connections=2 * streams)) as client:
-            for label in labels:
-                server_run(client, urls[label], prompts[:1], 2)  # warm-up
-            for r in range(rounds):
-                for label in labels if r % 2 == 0 else labels[::-1]:
+        for r in range(-1, rounds):  # round -1: a warm-up
+            for label in labels if r % 2 == 0 else labels[::-1]:
+                # A client per turn: a connection left idle while the other server ran may have been
+                # closed by this one (uvicorn drops idle keep-alive connections after 5 s), and httpx
+                # does not retry a POST on a connection that closed as it was reused.
+                with httpx.Client(limits=httpx.Limits(max_connections=2 * streams)) as client:
+                    if r < 0:
+                        server_run(client, urls[label], prompts[:1], 2)
+                        continue
                     for key, batch in (("one", prompts[:1]), ("many", prompts)):
                         run = server_run(client, urls[label], batch, max_tokens)
                         out[label][key].append(run["decode_tok_s"])
