@@ -301,11 +301,12 @@ class WeightArena:
     where the hardware prefetchers stop, and separately allocated buffers scatter a layer's weights.
     Llama 2 7B Q4_K_M's one-row matmuls (12 layers, Zen 4, 30 alternated rounds in one process) took
     0.95x the time from this arena with huge pages, 0.985x from the same arena on 4 KiB pages.
-    A map is unmapped when the last tensor in it is gone (the tensors hold it); the arena holds only the
-    map it is filling.
+    A map is unmapped when the last tensor in it is gone (the tensors hold it); the arena also holds the
+    map it is filling, so a process that drops a model keeps at most CHUNK bytes of its weights resident
+    until the next weights fill that map.
     """
 
-    CHUNK = 256 << 20
+    CHUNK = 64 << 20
     HUGE = HUGE_PAGE
     ALIGN = 64
 

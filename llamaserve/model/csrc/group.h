@@ -211,7 +211,8 @@ AI void GROUP_U(const ls_part *p, int64_t g, const ls_acts *a, int64_t m0, int M
                 const __m128i v = _mm_loadu_si128((const __m128i *)r);
                 const VI s6 = _mm256_cvtepu8_epi32(v), m6 = _mm256_cvtepu8_epi32(_mm_srli_si128(v, 8));
 #else
-                const __m128i v0 = _mm_loadu_si128((const __m128i *)r), v1 = _mm_loadu_si128((const __m128i *)(r + sc_st));
+                const __m128i v0 = _mm_loadu_si128((const __m128i *)r);
+                const __m128i v1 = _mm_loadu_si128((const __m128i *)(r + sc_st));
                 const VI s6 = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(v0, v1));
                 const VI m6 = _mm512_cvtepu8_epi32(_mm_unpackhi_epi64(v0, v1));
 #endif
