@@ -14,6 +14,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import mmap
 import os
 import platform
@@ -286,12 +287,10 @@ def huge_page_map(nbytes: int) -> torch.Tensor:
 def empty_huge(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero-filled CPU tensor in a huge_page_map (torch.zeros where maps are not supported). Its pages,
     2 MiB at a time, come into memory as they are first written."""
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape) * dtype.itemsize
     if not maps_supported() or n == 0:
         return torch.zeros(shape, dtype=dtype)
-    return huge_page_map(n * torch.empty((), dtype=dtype).element_size()).view(dtype).view(shape)
+    return huge_page_map(n).view(dtype).view(shape)
 
 
 class WeightArena:
@@ -307,7 +306,6 @@ class WeightArena:
     """
 
     CHUNK = 64 << 20
-    HUGE = HUGE_PAGE
     ALIGN = 64
 
     def __init__(self) -> None:
@@ -315,16 +313,14 @@ class WeightArena:
         self._base: torch.Tensor | None = None  # the map being filled
         self._used = 0
 
-    supported = staticmethod(maps_supported)
-
     def place(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of contiguous CPU tensor t in the arena (t itself where the arena cannot hold it)."""
         n = t.numel() * t.element_size()
-        if n == 0 or not self.supported() or t.device.type != "cpu" or not t.is_contiguous():
+        if n == 0 or not maps_supported() or t.device.type != "cpu" or not t.is_contiguous():
             return t
         with self._lock:
             if self._base is None or self._used + n > self._base.numel():  # (the old map's tail: untouched)
-                self._base, self._used = huge_page_map(max(self.CHUNK, -(-n // self.HUGE) * self.HUGE)), 0
+                self._base, self._used = huge_page_map(max(self.CHUNK, -(-n // HUGE_PAGE) * HUGE_PAGE)), 0
             base, start = self._base, self._used
             self._used = -(-(start + n) // self.ALIGN) * self.ALIGN
         out = base[start : start + n].view(t.dtype).view(t.shape)

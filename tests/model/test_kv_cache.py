@@ -203,7 +203,7 @@ def test_decode_metadata_is_build_metadatas_for_one_token_chunks() -> None:
 
 
 @pytest.mark.skipif(not native.maps_supported(), reason="no private anonymous maps here")
-def test_cpu_pools_are_zeroed_huge_page_maps_that_grow_as_written() -> None:
+def test_cpu_pools_are_zeroed_writable_maps_on_huge_page_boundaries() -> None:
     cache = PagedKVCache(2, 300, 16, 2, 64, torch.bfloat16)
     for pool in cache.kv:
         assert pool.shape == (300 * 16, 4, 64) and pool.dtype == torch.bfloat16 and pool.is_contiguous()

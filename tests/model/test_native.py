@@ -238,7 +238,7 @@ def _mapped(address: int) -> bool:
     return False
 
 
-@pytest.mark.skipif(not (native.WeightArena.supported() and os.path.exists("/proc/self/maps")),
+@pytest.mark.skipif(not (native.maps_supported() and os.path.exists("/proc/self/maps")),
                     reason="needs private anonymous maps and /proc/self/maps")
 def test_weight_arena_copies_aligns_and_unmaps_with_its_last_tensor():
     arena = native.WeightArena()
@@ -247,16 +247,16 @@ def test_weight_arena_copies_aligns_and_unmaps_with_its_last_tensor():
     b = torch.randn(3, 7)
     pa, pb = arena.place(a), arena.place(b)
     assert torch.equal(pa, a) and torch.equal(pb, b) and pa.data_ptr() != a.data_ptr()
-    assert pa.data_ptr() % arena.HUGE == 0  # a fresh map starts on a huge-page boundary
+    assert pa.data_ptr() % native.HUGE_PAGE == 0  # a fresh map starts on a huge-page boundary
     assert pb.data_ptr() == pa.data_ptr() + 2048  # then load order, 64-byte aligned
     for t in (torch.empty(0), torch.randn(4, 4).T):  # nothing to copy; not contiguous: left as they are
         assert arena.place(t) is t
     rest = torch.ones(arena.CHUNK - 2048 - 64, dtype=torch.uint8)  # does not fit the first map's tail
     prest = arena.place(rest)
-    assert prest.data_ptr() % arena.HUGE == 0 and torch.equal(prest, rest)
+    assert prest.data_ptr() % native.HUGE_PAGE == 0 and torch.equal(prest, rest)
     big = torch.full((arena.CHUNK + 1,), 7, dtype=torch.uint8)  # bigger than a chunk: a map of its size
     pbig = arena.place(big)
-    assert pbig.data_ptr() % arena.HUGE == 0 and torch.equal(pbig, big)
+    assert pbig.data_ptr() % native.HUGE_PAGE == 0 and torch.equal(pbig, big)
     first, second = pa.data_ptr(), prest.data_ptr()
     del pa, pb, prest
     assert not _mapped(first) and not _mapped(second)  # a map goes with the last tensor in it
@@ -270,7 +270,7 @@ def test_native_weights_live_in_the_arena_and_a_refused_one_takes_none_of_it():
     weight = native.NativeWeight(256, [(QT.Q4_K, bufs)])
     placed = weight.parts[0][1]
     assert all(torch.equal(placed[k], bufs[k]) for k in bufs)
-    if native.WeightArena.supported():
+    if native.maps_supported():
         assert placed["q"].data_ptr() != bufs["q"].data_ptr()
         used = native._ARENA._used
         with pytest.raises(ValueError, match="refused"):
